@@ -11,12 +11,18 @@ Coordinates are pixels, named ``x`` (column) and ``y`` (row) everywhere; arrays 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from scipy import ndimage
+
+from ibisagent.metrics import iou
+
+if TYPE_CHECKING:
+    from ibisagent.tools.base import ImageSession
 
 ErrorRule = Literal["peak", "area"]
 
@@ -79,7 +85,8 @@ def next_click(
         rule: ``"peak"`` (the paper's: region whose distance-transform peak is larger) or ``"area"`` (larger region).
 
     Returns:
-        A :class:`Click` at the deepest pixel of the chosen error region; positive for false negatives.
+        A :class:`Click` at the deepest pixel of the chosen error region (ties: the most central), positive for
+        false negatives.
     """
     if rule not in ("peak", "area"):
         raise ValueError(f"unknown click rule {rule!r}; expected 'peak' or 'area'")
@@ -101,8 +108,16 @@ def next_click(
     if not candidates:
         return None
     _, positive, dist = max(candidates, key=lambda c: c[0])
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return Click(x=int(x), y=int(y), positive=positive)
+    x, y = _central_peak(dist)
+    return Click(x=x, y=y, positive=positive)
+
+
+def _central_peak(dist: np.ndarray) -> tuple[int, int]:
+    """``(x, y)`` of the distance peak; where the peak is a ridge or plateau (a rectangle's midline), the peak pixel
+    nearest the plateau's centroid, so that the click lands in the middle as an annotator's would."""
+    ys, xs = np.nonzero(dist >= dist.max() - 1e-9)
+    nearest = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    return int(xs[nearest]), int(ys[nearest])
 
 
 def number_of_clicks(ious: Sequence[float], threshold: float) -> int | None:
@@ -134,3 +149,68 @@ def _as_bool_mask(mask: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a 2D (H, W) mask, got shape {mask.shape}")
     return mask.astype(bool, copy=False)
 
+
+
+@dataclass(frozen=True)
+class SimulatedStep:
+    """One simulated click and what the tool made of it: ``mask`` (H, W) bool, its ``iou`` and tool ``seconds``."""
+
+    click: Click
+    mask: np.ndarray
+    iou: float
+    seconds: float
+
+
+#: Default stopping rule of simulation and evaluation (the issue's NoC protocol): IoU ≥ 0.90 or 20 clicks.
+DEFAULT_IOU_STOP = 0.90
+DEFAULT_MAX_CLICKS = 20
+
+
+def simulate(
+    session: ImageSession,
+    target: np.ndarray,
+    *,
+    initial_mask: np.ndarray | None = None,
+    iou_stop: float = DEFAULT_IOU_STOP,
+    max_clicks: int = DEFAULT_MAX_CLICKS,
+    rule: ErrorRule = "peak",
+) -> tuple[list[SimulatedStep], str]:
+    """Simulate an expert annotating ``target`` with a tool: click, observe, click again.
+
+    Each tool call gets *all* clicks so far and the previous call's logits. An absent target (all-False ``target``)
+    needs no click: the empty starting mask is already right.
+
+    Args:
+        session: the tool's encoding of the image (:meth:`SegmentationTool.encode`).
+        target: (H, W) bool ground truth.
+        initial_mask: (H, W) bool mask to refine (refinement mode); ``None`` starts empty.
+        iou_stop: stop once the IoU reaches this.
+        max_clicks: click budget.
+        rule: error-region rule of :func:`next_click`.
+
+    Returns:
+        ``(steps, stop_reason)`` with ``stop_reason`` in ``iou_reached | max_clicks | no_error_left``.
+    """
+    target = _as_bool_mask(target, "target")
+    if target.shape != tuple(session.shape):
+        raise ValueError(f"target shape {target.shape} != image shape {tuple(session.shape)}")
+    prediction = np.zeros_like(target) if initial_mask is None else _as_bool_mask(initial_mask, "initial_mask")
+    logits = None if initial_mask is None else session.logits_from_mask(prediction)
+    if iou(prediction, target) >= iou_stop:
+        return [], "iou_reached"
+    clicks: list[Click] = []
+    steps: list[SimulatedStep] = []
+    while len(clicks) < max_clicks:
+        click = next_click(target, prediction, clicks, rule)
+        if click is None:
+            return steps, "no_error_left"
+        clicks.append(click)
+        start = time.perf_counter()
+        result = session.predict(clicks, logits)
+        seconds = time.perf_counter() - start
+        prediction, logits = result.mask, result.logits
+        score = iou(prediction, target)
+        steps.append(SimulatedStep(click=click, mask=prediction, iou=score, seconds=seconds))
+        if score >= iou_stop:
+            return steps, "iou_reached"
+    return steps, "max_clicks"

@@ -49,6 +49,13 @@ class ImageSession(ABC):
             The new :class:`Prediction`. With no clicks and no prior the mask is empty.
         """
 
+    def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
+        """Logits in this tool's layout that encode ``mask`` ((H, W) bool), to start refinement of an existing mask.
+
+        Passing them as ``prior_logits`` to :meth:`predict` continues from that mask as if the tool had made it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot start from an existing mask")
+
 
 class SegmentationTool(ABC):
     """A click-driven segmenter. Subclasses hold weights/config only, never per-image state."""

@@ -1,0 +1,189 @@
+"""The ``ibisagent`` command line: ``simulate``, ``eval``, ``render``, ``bench``, ``demo``.
+
+Exit codes: 0 success; 1 when any case of a batch failed (the others are still written); 2 for bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ibisagent.clicks import DEFAULT_IOU_STOP, DEFAULT_MAX_CLICKS
+
+log = logging.getLogger("ibisagent")
+
+#: The sample manifest shipped in the repository (used by ``demo``).
+SAMPLE_MANIFEST = Path(__file__).resolve().parents[2] / "sample_data" / "manifest.jsonl"
+
+
+def _add_loop_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tool", default="embedded", help="tool spec: embedded, sam2:CONFIG@CKPT, medsam2:CKPT, "
+                        "sam:TYPE@CKPT, medsam:CKPT (default: embedded)")
+    parser.add_argument("--device", default="cpu", help="torch device for model-based tools (default: cpu)")
+    parser.add_argument("--iou-stop", type=float, default=DEFAULT_IOU_STOP,
+                        help=f"stop a trajectory at this IoU (default: {DEFAULT_IOU_STOP})")
+    parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_CLICKS,
+                        help=f"click budget per target (default: {DEFAULT_MAX_CLICKS})")
+    parser.add_argument("--rule", choices=("peak", "area"), default="peak",
+                        help="click rule: deepest error pixel (peak, the paper's) or larger error region (area)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ibisagent", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="simulate expert click trajectories for a manifest (JSONL out)")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="trajectory JSONL to write")
+    _add_loop_options(p)
+
+    p = sub.add_parser("eval", help="evaluate a policy + tool on a manifest (results.json, results.md, plots)")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--policy", default="oracle", help="policy spec (this release: oracle)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--trajectories", action="store_true", help="also write DIR/trajectories.jsonl")
+    _add_loop_options(p)
+
+    p = sub.add_parser("render", help="draw a trajectory strip (image, clicks, mask and IoU per step)")
+    p.add_argument("trajectory", type=Path, help="trajectory JSONL")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--case", help="case id (default: the first record)")
+    p.add_argument("--target", help="target name (default: the case's first)")
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="what", required=True)
+    b = bench.add_parser("tools", help="encode / click latency per tool; embedded cases/s per core")
+    b.add_argument("--tool", dest="tools", action="append", help="tool spec (repeatable; default: all, random weights)")
+    b.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes in px (default: 256 512)")
+    b.add_argument("--repeats", type=int, default=3)
+
+    p = sub.add_parser("demo", help="simulate and evaluate the sample manifest on the embedded tool")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")
+    p.add_argument("--manifest", type=Path, default=SAMPLE_MANIFEST)
+    _add_loop_options(p)
+    return parser
+
+
+def _load_tool(spec: str, device: str):  # noqa: ANN202 - SegmentationTool, imported lazily
+    from ibisagent.tools import load_tool
+
+    return load_tool(spec, device=device)
+
+
+def _run_oracle(args: argparse.Namespace):  # noqa: ANN202
+    from ibisagent.evaluate import run_oracle
+
+    tool = _load_tool(args.tool, args.device)
+    return run_oracle(args.manifest, tool, iou_stop=args.iou_stop, max_steps=args.max_steps, rule=args.rule,
+                      progress=not args.no_progress)
+
+
+def _meta(args: argparse.Namespace, policy: str) -> dict[str, object]:
+    return {"manifest": str(args.manifest), "policy": policy, "tool": args.tool, "iou_stop": args.iou_stop,
+            "max_steps": args.max_steps, "rule": args.rule}
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from ibisagent.data.trajectory import write_trajectories
+    from ibisagent.evaluate import aggregate, format_table
+
+    records, results = _run_oracle(args)
+    write_trajectories(args.out, records)
+    summary = aggregate(results, args.max_steps)
+    print(format_table(summary))
+    print(f"\n{len(records)} trajectories → {args.out}")
+    return _report_errors(results)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ibisagent.data.trajectory import write_trajectories
+    from ibisagent.evaluate import format_table, write_results
+
+    if args.policy != "oracle":
+        print(f"ibisagent: policy {args.policy!r} is not available in this release; use --policy oracle "
+              "(MLLM policies arrive with the agent loop)", file=sys.stderr)
+        return 2
+    records, results = _run_oracle(args)
+    summary = write_results(args.out, results, _meta(args, args.policy), args.max_steps)
+    if args.trajectories:
+        write_trajectories(args.out / "trajectories.jsonl", records)
+    print(format_table(summary))
+    print(f"\nresults → {args.out / 'results.json'}")
+    return _report_errors(results)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from ibisagent.data.trajectory import read_trajectories
+    from ibisagent.imaging import load_image, slice_of, to_display_rgb
+    from ibisagent.render import render_trajectory
+
+    records = [r for r in read_trajectories(args.trajectory)
+               if (args.case is None or r.id == args.case) and (args.target is None or r.target == args.target)]
+    if not records:
+        print(f"ibisagent: no trajectory for case={args.case!r} target={args.target!r} in {args.trajectory}",
+              file=sys.stderr)
+        return 2
+    record = records[0]
+    image = load_image(record.image)
+    plane = slice_of(image, record.slice) if image.is_volume else image.array
+    rgb = to_display_rgb(plane, record.modality)
+    render_trajectory(rgb, record, args.out)
+    print(f"{record.id}/{record.target}: {len(record.steps)} steps → {args.out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ibisagent.bench import DEFAULT_TOOL_SPECS, bench_tools, format_tool_bench
+
+    rows = bench_tools(args.tools or list(DEFAULT_TOOL_SPECS), sizes=tuple(args.sizes), repeats=args.repeats)
+    print(format_tool_bench(rows))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ibisagent.data.trajectory import write_trajectories
+    from ibisagent.evaluate import format_table, write_results
+
+    records, results = _run_oracle(args)
+    out: Path = args.out
+    summary = write_results(out, results, _meta(args, "oracle"), args.max_steps)
+    write_trajectories(out / "trajectories.jsonl", records)
+    # picture of the longest trajectory: the most instructive one to look at
+    longest = max(records, key=lambda r: len(r.steps), default=None)
+    if longest is not None:
+        args_render = argparse.Namespace(trajectory=out / "trajectories.jsonl", out=out / "trajectory.png",
+                                         case=longest.id, target=longest.target)
+        cmd_render(args_render)
+    print(format_table(summary))
+    print(f"\nresults → {out / 'results.json'}, {out / 'results.md'}; picture → {out / 'trajectory.png'}")
+    return _report_errors(results)
+
+
+def _report_errors(results: Sequence[object]) -> int:
+    failed = [r for r in results if getattr(r, "error", None)]
+    for r in failed:
+        print(f"FAILED {r.id}: {r.error}", file=sys.stderr)  # type: ignore[attr-defined]
+    return 1 if failed else 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "eval": cmd_eval, "render": cmd_render, "bench": cmd_bench, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"ibisagent: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

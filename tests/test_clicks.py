@@ -1,0 +1,72 @@
+"""The click simulator: where the next click goes, its sign, and the NoC metric."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ibisagent.clicks import Click, error_regions, next_click, number_of_clicks, padded_distance
+
+
+def test_first_click_is_the_centre_of_the_target_and_positive() -> None:
+    target = np.zeros((50, 80), dtype=bool)
+    target[10:31, 20:61] = True  # 21 rows x 41 cols, centre (x=40, y=20)
+    click = next_click(target, np.zeros_like(target))
+    assert click == Click(x=40, y=20, positive=True)
+
+
+def test_negative_click_when_false_positive_peak_is_larger() -> None:
+    target = np.zeros((60, 60), dtype=bool)
+    target[5:10, 5:10] = True
+    prediction = target.copy()
+    prediction[30:55, 30:55] = True  # big false positive
+    prediction[5, 5] = False  # tiny false negative
+    click = next_click(target, prediction)
+    assert click is not None and not click.positive
+    assert 30 <= click.x < 55 and 30 <= click.y < 55
+
+
+def test_area_rule_prefers_the_larger_region() -> None:
+    target = np.zeros((40, 40), dtype=bool)
+    target[0:2, :] = True  # thin, large-area false negative (peak distance 1-ish)
+    prediction = np.zeros_like(target)
+    prediction[20:26, 20:26] = True  # compact false positive (peak 3), smaller area
+    assert next_click(target, prediction, rule="peak").positive is False
+    assert next_click(target, prediction, rule="area").positive is True
+    with pytest.raises(ValueError, match="rule"):
+        next_click(target, prediction, rule="biggest")  # type: ignore[arg-type]
+
+
+def test_image_border_counts_as_boundary() -> None:
+    region = np.ones((5, 9), dtype=bool)
+    dist = padded_distance(region)
+    assert dist[0, 4] == 1.0 and dist[2, 4] == 3.0
+    target = np.ones((5, 9), dtype=bool)
+    assert next_click(target, np.zeros_like(target)) == Click(x=4, y=2, positive=True)
+
+
+def test_never_the_same_pixel_twice_and_none_when_done() -> None:
+    target = np.zeros((3, 3), dtype=bool)
+    target[1, 1] = True
+    empty = np.zeros_like(target)
+    first = next_click(target, empty)
+    assert first == Click(1, 1, True)
+    assert next_click(target, empty, previous=[first]) is None
+    assert next_click(target, target) is None
+
+
+def test_error_regions_and_shape_checks() -> None:
+    target = np.array([[1, 1, 0]], dtype=bool)
+    pred = np.array([[0, 1, 1]], dtype=bool)
+    fn, fp = error_regions(target, pred)
+    assert fn.tolist() == [[True, False, False]] and fp.tolist() == [[False, False, True]]
+    with pytest.raises(ValueError, match="shape"):
+        error_regions(target, np.zeros((2, 3), dtype=bool))
+    with pytest.raises(ValueError):
+        Click(-1, 0, True)
+
+
+def test_number_of_clicks() -> None:
+    assert number_of_clicks([0.5, 0.86, 0.91], 0.85) == 2
+    assert number_of_clicks([0.5, 0.86, 0.91], 0.90) == 3
+    assert number_of_clicks([0.5], 0.9) is None
