@@ -1,0 +1,260 @@
+"""The manifest contract (DESIGN §4): JSONL, one case per line, paths relative to the manifest file.
+
+``{"id", "image", "modality", "instruction", "targets": [{"name", "mask"}], "slice"?, "initial_mask"?, "answer"?}``
+
+``"mask": null`` declares the target absent (the right answer is "not present"). ``targets`` may be empty only for
+closed-VQA cases that carry an ``answer``. Unknown keys are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..imaging import Image, ImageError, load_image, load_mask, num_slices, slice_of, to_display_rgb
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+REQUIRED_FIELDS = ("id", "image", "modality", "instruction", "targets")
+
+
+class CaseError(ValueError):
+    """A manifest line or a case's files are unusable.
+
+    Attributes:
+        case_id: the case id, or ``"line N"`` when the line has no usable id.
+        path: the manifest (for parse errors) or the offending file (for load errors).
+        message: the problem.
+        line: 1-based manifest line number, when known.
+    """
+
+    def __init__(self, case_id: str, path: Path | str, message: str, line: int | None = None) -> None:
+        self.case_id = case_id
+        self.path = Path(path)
+        self.message = message
+        self.line = line
+        where = f"{self.path}" + (f":{line}" if line is not None else "")
+        super().__init__(f"{where}: case {case_id}: {message}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One segmentation target; ``mask`` is ``None`` when the target is declared absent."""
+
+    name: str
+    mask: Path | None
+
+
+@dataclass(frozen=True)
+class Case:
+    """One manifest line with paths resolved against the manifest's folder."""
+
+    id: str
+    image: Path
+    modality: str
+    instruction: str
+    targets: tuple[Target, ...]
+    slice: int | None = None
+    initial_mask: Path | None = None
+    answer: str | None = None
+    line: int = 0
+    manifest: Path | None = None
+
+
+@dataclass
+class LoadedCase:
+    """A case with its pixels.
+
+    Attributes:
+        case: the manifest entry.
+        image: the loaded image or volume.
+        rgb: ``(H, W, 3)`` uint8 display image of the 2D image or of axial slice ``case.slice``.
+        targets: target name -> ``(H, W)`` bool mask aligned to ``rgb``, or ``None`` for an absent target.
+        initial_mask: ``(H, W)`` bool starting mask for refinement, or ``None``.
+    """
+
+    case: Case
+    image: Image
+    rgb: np.ndarray
+    targets: dict[str, np.ndarray | None]
+    initial_mask: np.ndarray | None
+
+    @property
+    def slice2d(self) -> np.ndarray:
+        """The raw intensities behind ``rgb``: ``(H, W)`` or ``(H, W, 3)``."""
+        return slice_of(self.image, self.case.slice or 0)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> list[Case | CaseError]:
+    """Parse a JSONL manifest: one :class:`Case` or :class:`CaseError` per non-blank line, in file order.
+
+    Raises:
+        FileNotFoundError: the manifest does not exist.
+    """
+    manifest = Path(path)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest not found: {manifest}")
+    base = manifest.resolve().parent
+    entries: list[Case | CaseError] = []
+    seen: dict[str, int] = {}
+    with open(manifest, encoding="utf-8") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                case = _parse_line(raw, number, manifest, base)
+            except CaseError as err:
+                entries.append(err)
+                continue
+            if case.id in seen:
+                entries.append(CaseError(case.id, manifest, f"duplicate id (first used on line {seen[case.id]})",
+                                         number))
+                continue
+            seen[case.id] = number
+            entries.append(case)
+    return entries
+
+
+def read_cases(path: str | os.PathLike[str]) -> list[Case]:
+    """Like :func:`read_manifest` but raise the first :class:`CaseError` instead of returning it."""
+    cases = []
+    for entry in read_manifest(path):
+        if isinstance(entry, CaseError):
+            raise entry
+        cases.append(entry)
+    return cases
+
+
+def _parse_line(raw: str, number: int, manifest: Path, base: Path) -> Case:
+    label = f"line {number}"
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CaseError(label, manifest, f"not valid JSON ({exc.msg} at column {exc.colno})", number) from exc
+    if not isinstance(obj, dict):
+        raise CaseError(label, manifest, f"expected a JSON object, got {type(obj).__name__}", number)
+    raw_id = obj.get("id")
+    case_id = raw_id if isinstance(raw_id, str) and raw_id else label
+
+    def fail(message: str) -> CaseError:
+        return CaseError(case_id, manifest, message, number)
+
+    missing = [k for k in REQUIRED_FIELDS if k not in obj]
+    if missing:
+        raise fail(f"missing field(s) {missing}")
+    if not isinstance(raw_id, str) or not raw_id:
+        raise fail(f"'id' must be a non-empty string, got {raw_id!r}")
+    if not ID_PATTERN.match(raw_id) or ".." in raw_id or raw_id in (".",):
+        raise fail(f"invalid id {raw_id!r}: use only letters, digits, '.', '_', '-' (no path separators or '..')")
+    image = _string(obj, "image", fail)
+    modality = obj["modality"]
+    if not isinstance(modality, str):
+        raise fail(f"'modality' must be a string, got {modality!r}")
+    instruction = _string(obj, "instruction", fail)
+    targets = _targets(obj["targets"], base, fail)
+    slice_index = obj.get("slice")
+    if slice_index is not None and (isinstance(slice_index, bool) or not isinstance(slice_index, int)
+                                    or slice_index < 0):
+        raise fail(f"'slice' must be a non-negative integer or null, got {slice_index!r}")
+    initial = obj.get("initial_mask")
+    if initial is not None and (not isinstance(initial, str) or not initial):
+        raise fail(f"'initial_mask' must be a path string or null, got {initial!r}")
+    answer = obj.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        raise fail(f"'answer' must be a string or null, got {answer!r}")
+    if not targets and answer is None:
+        raise fail("'targets' is empty; only closed-VQA cases with an 'answer' may have no targets")
+    return Case(
+        id=raw_id,
+        image=_resolve(base, image),
+        modality=modality,
+        instruction=instruction,
+        targets=targets,
+        slice=slice_index,
+        initial_mask=_resolve(base, initial) if initial else None,
+        answer=answer,
+        line=number,
+        manifest=manifest,
+    )
+
+
+def _string(obj: dict[str, Any], key: str, fail: Any) -> str:
+    value = obj[key]
+    if not isinstance(value, str) or not value.strip():
+        raise fail(f"'{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _targets(value: Any, base: Path, fail: Any) -> tuple[Target, ...]:
+    if not isinstance(value, list):
+        raise fail(f"'targets' must be a list of {{'name', 'mask'}} objects, got {type(value).__name__}")
+    targets = []
+    names: set[str] = set()
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or "name" not in item or "mask" not in item:
+            raise fail(f"targets[{i}] must be an object with 'name' and 'mask' (null if absent), got {item!r}")
+        name, mask = item["name"], item["mask"]
+        if not isinstance(name, str) or not name.strip():
+            raise fail(f"targets[{i}].name must be a non-empty string, got {name!r}")
+        if name in names:
+            raise fail(f"duplicate target name {name!r}")
+        if mask is not None and (not isinstance(mask, str) or not mask):
+            raise fail(f"targets[{i}].mask must be a path string or null, got {mask!r}")
+        names.add(name)
+        targets.append(Target(name=name, mask=_resolve(base, mask) if mask is not None else None))
+    return tuple(targets)
+
+
+def _resolve(base: Path, rel: str) -> Path:
+    p = Path(rel)
+    return p if p.is_absolute() else base / p
+
+
+def load_case(case: Case) -> LoadedCase:
+    """Load a case's image, display picture and masks, checking everything fits.
+
+    Raises:
+        CaseError: naming the offending file — missing/unreadable image or mask, a volume without ``slice``,
+            slice out of range, mask/image size mismatch, non-binary mask, or an empty mask for a target that is
+            not declared absent.
+    """
+    try:
+        image = load_image(case.image)
+    except ImageError as exc:
+        raise CaseError(case.id, case.image, str(exc), case.line) from exc
+    if image.is_volume and case.slice is None:
+        raise CaseError(case.id, case.image, f"image is a volume of shape {image.array.shape}; the case needs "
+                        f"'slice' (0..{num_slices(image) - 1})", case.line)
+    if not image.is_volume and case.slice not in (None, 0):
+        raise CaseError(case.id, case.image, f"'slice' {case.slice} given for a 2D image", case.line)
+    try:
+        plane = slice_of(image, case.slice or 0)
+    except ImageError as exc:
+        raise CaseError(case.id, case.image, str(exc), case.line) from exc
+    modality = case.modality or image.modality
+    rgb = to_display_rgb(plane, modality)
+    targets: dict[str, np.ndarray | None] = {}
+    for target in case.targets:
+        if target.mask is None:
+            targets[target.name] = None
+            continue
+        mask = _mask(case, target.mask, image)
+        if not mask.any():
+            raise CaseError(case.id, target.mask, f"empty mask for target {target.name!r} in {target.mask}"
+                            + (f" at slice {case.slice}" if image.is_volume else "")
+                            + "; use null for an absent target", case.line)
+        targets[target.name] = mask
+    initial = _mask(case, case.initial_mask, image) if case.initial_mask is not None else None
+    return LoadedCase(case=case, image=image, rgb=rgb, targets=targets, initial_mask=initial)
+
+
+def _mask(case: Case, path: Path, image: Image) -> np.ndarray:
+    try:
+        return load_mask(path, image, slice=case.slice if image.is_volume else None)
+    except ImageError as exc:
+        raise CaseError(case.id, path, str(exc), case.line) from exc

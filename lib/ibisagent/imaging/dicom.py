@@ -1,0 +1,230 @@
+"""DICOM in (single files with pydicom, series folders with SimpleITK/GDCM) and DICOM-SEG out (highdicom)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.pixel_data_handlers.util import apply_modality_lut, convert_color_space
+from pydicom.sr.codedict import codes
+
+from ..fileio import atomic_path
+from .io import _LPS_TO_RAS, Image, ImageError, _volume_image, load_image, sitk_image_to_image
+
+ALGORITHM_NAME = "ibisagent"
+
+
+def _read_dataset(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
+    except Exception as exc:
+        raise ImageError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+
+
+def _single_frame_affine(ds: pydicom.Dataset) -> np.ndarray:
+    """RAS affine of one DICOM frame, voxel ``(column, row, 0)``; pixel-unit identity-like when tags are absent."""
+    dy, dx = (float(v) for v in ds.get("PixelSpacing", [1.0, 1.0]))
+    iop = [float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
+    ipp = [float(v) for v in ds.get("ImagePositionPatient", [0, 0, 0])]
+    row_dir, col_dir = np.asarray(iop[:3]), np.asarray(iop[3:])
+    normal = np.cross(row_dir, col_dir)
+    dz = float(ds.get("SliceThickness", 1.0) or 1.0)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dx
+    lps[:3, 1] = col_dir * dy
+    lps[:3, 2] = normal * dz
+    lps[:3, 3] = ipp
+    return _LPS_TO_RAS @ lps
+
+
+def load_dicom_file(path: Path) -> Image:
+    """One DICOM instance: single-frame -> 2D ``(rows, cols)`` (modality LUT applied, CT in HU as float32),
+    colour -> ``(rows, cols, 3)`` uint8 RGB; multi-frame -> volume via SimpleITK."""
+    ds = _read_dataset(path)
+    modality = str(ds.get("Modality", ""))
+    if "PixelData" not in ds:
+        raise ImageError(f"{path}: DICOM file has no pixel data (SOP class {ds.get('SOPClassUID', '?')})")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        img = sitk.ReadImage(str(path))
+        return sitk_image_to_image(img, path, modality, dicom_files=(path,))
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise ImageError(f"{path}: corrupt DICOM pixel data ({type(exc).__name__}: {exc})") from exc
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if pixels.ndim == 3:
+        if photometric.startswith("YBR"):
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        rgb = np.asarray(pixels)
+        if rgb.dtype != np.uint8:
+            raise ImageError(f"{path}: colour DICOM with {rgb.dtype} samples is not supported")
+        image = _volume_image(rgb[..., 0].T, _single_frame_affine(ds), path, modality or "RGB", (path,))
+        return Image(rgb, False, modality or "RGB", image.spacing, path, image.geometry, (path,))
+    values = apply_modality_lut(pixels, ds)
+    if values.dtype.kind == "f" or modality == "CT":
+        values = values.astype(np.float32)
+    return _volume_image(values.T, _single_frame_affine(ds), path, modality, (path,))
+
+
+def load_dicom_series(folder: Path) -> Image:
+    """A folder holding a DICOM series (the series with most files if several), sorted by slice position."""
+    reader = sitk.ImageSeriesReader()
+    ids = sorted(reader.GetGDCMSeriesIDs(str(folder)))
+    if not ids:
+        count = sum(1 for p in folder.rglob("*") if p.is_file())
+        raise ImageError(f"{folder}: no DICOM series found in folder ({count} file(s))")
+    files_by_uid = {uid: list(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in ids}
+    uid = max(ids, key=lambda u: len(files_by_uid[u]))
+    files = [Path(f) for f in files_by_uid[uid]]
+    in_series = {Path(f).resolve() for names in files_by_uid.values() for f in names}
+    rejected = sorted(
+        p.name for p in folder.iterdir() if p.is_file() and p.resolve() not in in_series and pydicom.misc.is_dicom(str(p))
+    )
+    if rejected:
+        raise ImageError(f"{folder}: DICOM file(s) that GDCM could not read (corrupt or truncated): {rejected[:5]}")
+    _check_slice_positions(folder, files)
+    first = _read_dataset(files[0], stop_before_pixels=True)
+    modality = str(first.get("Modality", ""))
+    if len(files) == 1:
+        single = load_dicom_file(files[0])
+        return Image(single.array, single.is_volume, single.modality, single.spacing, folder, single.geometry,
+                     single.dicom_files)
+    reader.SetFileNames([str(f) for f in files])
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise ImageError(f"{folder}: cannot read DICOM series {uid} ({exc})") from exc
+    if modality == "CT" and img.GetPixelID() not in (sitk.sitkInt16, sitk.sitkFloat32):
+        img = sitk.Cast(img, sitk.sitkFloat32)
+    return sitk_image_to_image(img, folder, modality, dicom_files=tuple(files))
+
+
+def _check_slice_positions(folder: Path, files: list[Path]) -> None:
+    """Raise when the sorted slices are not evenly spaced (a missing or duplicated slice)."""
+    if len(files) < 3:
+        return
+    positions = []
+    for f in files:
+        ds = _read_dataset(f, stop_before_pixels=True)
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+            return
+        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+        normal = np.cross(iop[:3], iop[3:])
+        positions.append(float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])))
+    steps = np.diff(positions)
+    if np.any(np.abs(steps) < 1e-4) or np.ptp(steps) > max(1e-2, 0.05 * float(np.median(np.abs(steps)))):
+        raise ImageError(f"{folder}: slice positions are not evenly spaced (missing or duplicate slices); "
+                         f"steps between sorted slices range {steps.min():.3f}..{steps.max():.3f} mm")
+
+
+def save_dicom_seg(
+    mask: np.ndarray,
+    series_dir_or_file: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    label_names: Sequence[str],
+    slice: int | None = None,
+) -> Path:
+    """Write a binary DICOM Segmentation (one segment per label) referencing the source DICOM images.
+
+    Args:
+        mask: in the geometry of ``load_image(series_dir_or_file).array``: ``(Z, Y, X)`` for a series, ``(H, W)``
+            for a single-frame file, or ``(Y, X)`` of axial slice ``slice`` of a series. A bool array is one segment;
+            an integer array is a label map whose value ``i`` (1..len(label_names)) is segment ``label_names[i-1]``.
+        series_dir_or_file: the DICOM series folder or file the mask was drawn on.
+        path: output ``.dcm`` file (written atomically).
+        label_names: one name per segment.
+        slice: axial slice index when ``mask`` is 2D and the source is a volume.
+
+    Returns:
+        ``path``.
+    """
+    image = load_image(series_dir_or_file)
+    if not image.dicom_files:
+        raise ImageError(f"{image.source}: DICOM-SEG needs a DICOM source, got a non-DICOM image")
+    labels = _label_map(np.asarray(mask), image, slice, len(label_names))
+    if image.is_volume:
+        frames = image.geometry.to_source(labels).transpose(2, 1, 0)  # (stored k, rows, cols) = file order
+    else:
+        frames = labels[None]
+    sources = [_read_dataset(f) for f in image.dicom_files]
+    if len(sources) == 1 and frames.shape[0] == 1:
+        frames = frames[0]
+    pixel_array = frames.astype(bool) if len(label_names) == 1 else frames.astype(np.uint16)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=ALGORITHM_NAME, version=_version(), family=codes.cid7162.ArtificialIntelligence
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=i,
+            segment_label=name,
+            segmented_property_category=codes.cid7150.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for i, name in enumerate(label_names, start=1)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=900,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=ALGORITHM_NAME,
+        manufacturer_model_name=ALGORITHM_NAME,
+        software_versions=_version(),
+        device_serial_number="0",
+        omit_empty_frames=bool(np.any(pixel_array)),
+    )
+    with atomic_path(path) as tmp:
+        seg.save_as(str(tmp))
+    return Path(path)
+
+
+def _label_map(mask: np.ndarray, image: Image, slice: int | None, n_labels: int) -> np.ndarray:
+    """Validate ``mask`` against ``image`` and return a full-size uint16 label map in canonical orientation."""
+    if n_labels < 1:
+        raise ValueError("label_names must name at least one segment")
+    if mask.dtype == bool:
+        values = mask.astype(np.uint16)
+    elif mask.dtype.kind in "iu":
+        values = mask.astype(np.int64)
+        if values.min() < 0 or values.max() > n_labels:
+            raise ImageError(f"{image.source}: label map values must lie in 0..{n_labels} "
+                             f"(one per label name), got {values.min()}..{values.max()}")
+        values = values.astype(np.uint16)
+    else:
+        raise ImageError(f"{image.source}: mask must be bool or an integer label map, got dtype {mask.dtype}")
+    target_shape = image.array.shape if image.is_volume else image.array.shape[:2]
+    if image.is_volume and values.ndim == 2:
+        if slice is None:
+            raise ImageError(f"{image.source}: a 2D mask for a volume needs the slice index")
+        if not 0 <= slice < target_shape[0]:
+            raise ImageError(f"{image.source}: slice {slice} out of range 0..{target_shape[0] - 1}")
+        full = np.zeros(target_shape, dtype=np.uint16)
+        full[slice] = _check_shape(values, target_shape[1:], image)
+        return full
+    return _check_shape(values, target_shape, image)
+
+
+def _check_shape(values: np.ndarray, shape: tuple[int, ...], image: Image) -> np.ndarray:
+    if tuple(values.shape) != tuple(shape):
+        raise ImageError(f"{image.source}: mask shape {tuple(values.shape)} does not match image shape {tuple(shape)}")
+    return values
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ibisagent")
+    except Exception:
+        return "0"
