@@ -183,8 +183,8 @@ def run_oracle(
         try:
             case_records, result = simulate_case(load_case(entry), tool, iou_stop=iou_stop, max_steps=max_steps,
                                                  rule=rule)
-        except (CaseError, ValueError, OSError) as exc:
-            log.warning("case %s failed: %s", entry.id, exc)
+        except Exception as exc:  # noqa: BLE001 - a batch records any case failure and carries on
+            log.warning("case %s failed: %s", entry.id, exc, exc_info=not isinstance(exc, (ValueError, OSError)))
             results.append(CaseResult(id=entry.id, modality=entry.modality, error=f"{type(exc).__name__}: {exc}"))
             continue
         records.extend(case_records)

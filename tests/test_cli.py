@@ -1,0 +1,115 @@
+"""The command line end to end on real files: simulate, eval, render, demo; bad cases recorded, not fatal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from ibisagent.cli import SAMPLE_MANIFEST, main
+from ibisagent.data.trajectory import read_trajectories
+
+
+def _write_png(path: Path, array: np.ndarray) -> str:
+    PILImage.fromarray(array).save(path)
+    return path.name
+
+
+@pytest.fixture()
+def small_manifest(tmp_path: Path) -> Path:
+    """Three good cases (disc, absent target, two targets) and three bad ones (missing file, size mismatch, not JSON)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :128]
+    disc = (yy - 40) ** 2 + (xx - 50) ** 2 < 20**2
+    square = (abs(yy - 60) < 12) & (abs(xx - 100) < 12)
+    image = np.clip(60 + 120 * disc + 80 * square + rng.normal(0, 8, disc.shape), 0, 255).astype(np.uint8)
+    img = _write_png(tmp_path / "img.png", image)
+    m1 = _write_png(tmp_path / "disc.png", (disc * 255).astype(np.uint8))
+    m2 = _write_png(tmp_path / "square.png", (square * 255).astype(np.uint8))
+    small = _write_png(tmp_path / "small.png", np.zeros((10, 10), np.uint8) + 255)
+    lines = [
+        {"id": "disc", "image": img, "modality": "MR", "instruction": "Segment the disc.",
+         "targets": [{"name": "disc", "mask": m1}]},
+        {"id": "absent", "image": img, "modality": "MR", "instruction": "Segment the tumour.",
+         "targets": [{"name": "tumour", "mask": None}]},
+        {"id": "two", "image": img, "modality": "MR", "instruction": "Segment the disc and the square.",
+         "targets": [{"name": "disc", "mask": m1}, {"name": "square", "mask": m2}]},
+        {"id": "missing", "image": "nope.png", "modality": "MR", "instruction": "x",
+         "targets": [{"name": "a", "mask": m1}]},
+        {"id": "mismatch", "image": img, "modality": "MR", "instruction": "x", "targets": [{"name": "a", "mask": small}]},
+    ]
+    text = "\n".join(json.dumps(line) for line in lines[:3]) + "\n{this is not json\n"
+    text += "\n".join(json.dumps(line) for line in lines[3:]) + "\n"
+    path = tmp_path / "manifest.jsonl"
+    path.write_text(text)
+    return path
+
+
+def test_eval_scores_good_cases_and_records_bad_ones(small_manifest: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval"
+    code = main(["eval", str(small_manifest), "--policy", "oracle", "--tool", "embedded", "--out", str(out),
+                 "--no-progress", "--trajectories"])
+    assert code == 1  # some cases failed, the rest were written
+    results = json.loads((out / "results.json").read_text())
+    cases = {c["id"]: c for c in results["cases"]}
+    assert set(cases) == {"disc", "absent", "two", "line 4", "missing", "mismatch"}
+    assert "nope.png" in cases["missing"]["error"]
+    assert "small.png" in cases["mismatch"]["error"]
+    assert "line 4" in cases["line 4"]["error"]
+    assert cases["absent"]["iou"] == 1.0 and cases["absent"]["steps"] == 0 and cases["absent"]["f1"] == 1.0
+    for key in ("disc", "two"):
+        assert cases[key]["iou"] >= 0.9 and "error" not in cases[key]
+        assert 1 <= cases[key]["steps"] <= 20
+    agg = results["aggregate"]
+    assert agg["samples"] == 3 and agg["errors"] == 3
+    assert 0.9 <= agg["mean_iou"] <= 1.0
+    assert {"mean_iou", "median_iou", "mean_dice", "mean_f1", "mean_steps", "noc@90"} <= set(agg)
+    for name in ("results.md", "iou_per_click.png", "iou_per_case.png"):
+        assert (out / name).stat().st_size > 0
+    records = list(read_trajectories(out / "trajectories.jsonl"))
+    assert [(r.id, r.target) for r in records] == [("disc", "disc"), ("absent", "tumour"), ("two", "disc"),
+                                                   ("two", "square")]
+    assert records[1].answer == "not present" and records[1].steps == []
+    assert "| MR | 3 |" in capsys.readouterr().out
+
+
+def test_simulate_then_render(small_manifest: Path, tmp_path: Path) -> None:
+    traj = tmp_path / "traj.jsonl"
+    assert main(["simulate", str(small_manifest), "--out", str(traj), "--no-progress"]) == 1
+    records = list(read_trajectories(traj))
+    disc = records[0]
+    assert disc.source == "simulated" and disc.steps[0].clicks[0].positive
+    # the first click is inside the disc (centre x=50, y=40) in both coordinate systems
+    first = disc.steps[0].clicks[0]
+    assert (first.px - 50) ** 2 + (first.py - 40) ** 2 < 20**2
+    assert first.x == pytest.approx((first.px + 0.5) / 128, abs=1e-4)
+    assert disc.steps[0].raw.startswith("<think>\n") and "Positive Point" in disc.steps[0].raw
+    png = tmp_path / "strip.png"
+    assert main(["render", str(traj), "--case", "two", "--target", "square", "--out", str(png)]) == 0
+    assert PILImage.open(png).size[0] > 200
+    assert main(["render", str(traj), "--case", "unknown", "--out", str(png)]) == 2
+
+
+def test_bad_usage_exits_2(tmp_path: Path) -> None:
+    assert main(["eval", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["eval", str(SAMPLE_MANIFEST), "--policy", "hf:/nowhere", "--out", str(tmp_path / "o")]) == 2
+    assert main(["simulate", str(SAMPLE_MANIFEST), "--tool", "bogus", "--out", str(tmp_path / "t.jsonl")]) == 2
+
+
+def test_demo_console_script_on_the_sample_data(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("ibisagent")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ibisagent.cli"]
+    proc = subprocess.run([*cmd, "demo", "--out", str(tmp_path / "demo"), "--no-progress"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["aggregate"]["errors"] == 0
+    assert results["aggregate"]["samples"] == sum(1 for line in SAMPLE_MANIFEST.read_text().splitlines() if line)
+    assert (tmp_path / "demo" / "trajectory.png").stat().st_size > 0
+    assert "| **all** |" in proc.stdout
