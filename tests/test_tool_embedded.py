@@ -1,0 +1,191 @@
+"""Behaviour of the ``embedded`` tool that users and the agent loop rely on (fast, CPU only)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ibisagent.clicks import Click, next_click
+from ibisagent.tools import load_tool
+from ibisagent.tools.embedded import EmbeddedSession, EmbeddedTool
+
+SIZE = 128
+STOP_IOU = 0.90
+MAX_CLICKS = 20
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def _to_rgb(intensity: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(intensity, (0.5, 99.5))
+    grey = np.round(np.clip((intensity - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def _mr_phantom(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MR-like phantom: body, a target blob with a hole, a same-intensity distractor touching it via a bridge.
+
+    Returns ``(image (SIZE, SIZE, 3) uint8, target (SIZE, SIZE) bool, distractor (SIZE, SIZE) bool)``.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    body = (yy - 64) ** 2 / 58**2 + (xx - 64) ** 2 / 54**2 <= 1
+    target = ((yy - 60) ** 2 + (xx - 50) ** 2 <= 20**2) & ~((yy - 60) ** 2 + (xx - 50) ** 2 <= 5**2)
+    distractor = (yy - 64) ** 2 + (xx - 95) ** 2 <= 10**2
+    bridge = (np.abs(yy - 62) <= 3) & (xx > 68) & (xx < 86)
+    img = np.where(body, 0.4, 0.03)
+    img = np.where(target | distractor | bridge, 0.8, img)
+    bias = 1.0 + 0.15 * np.sin(yy / 40.0) * np.cos(xx / 50.0)
+    img = ndimage.gaussian_filter(img, 0.8) * bias
+    noise = 0.03
+    img = np.sqrt((img + rng.normal(0, noise, img.shape)) ** 2 + rng.normal(0, noise, img.shape) ** 2)
+    return _to_rgb(img), target, distractor | bridge
+
+
+@pytest.fixture(scope="module")
+def phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _mr_phantom()
+
+
+@pytest.fixture(scope="module")
+def session(phantom) -> EmbeddedSession:
+    return EmbeddedTool().encode(phantom[0])
+
+
+def _oracle(session, target: np.ndarray, prior_chain: bool = True) -> tuple[float, int]:
+    clicks: list[Click] = []
+    logits = None
+    mask = np.zeros(target.shape, bool)
+    score = 0.0
+    while len(clicks) < MAX_CLICKS:
+        click = next_click(target, mask, clicks)
+        if click is None:
+            break
+        clicks.append(click)
+        pred = session.predict(clicks, logits if prior_chain else None)
+        logits, mask = pred.logits, pred.mask
+        score = _iou(mask, target)
+        if score >= STOP_IOU:
+            break
+    return score, len(clicks)
+
+
+def test_spec_and_name():
+    tool = load_tool("embedded")
+    assert isinstance(tool, EmbeddedTool) and tool.name == "embedded"
+
+
+def test_encode_once_query_many_is_deterministic(session, phantom):
+    clicks = [Click(50, 45, True), Click(95, 64, False)]
+    a = session.predict(clicks)
+    b = session.predict(clicks)
+    assert a.mask.shape == (SIZE, SIZE) and a.mask.dtype == bool
+    assert a.logits.shape == (SIZE, SIZE) and a.logits.dtype == np.float32
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_array_equal(a.logits, b.logits)
+    np.testing.assert_array_equal(a.mask, a.logits > 0)
+
+
+def test_sessions_are_independent_and_thread_safe(phantom):
+    tool = EmbeddedTool()
+    img2, target2, _ = _mr_phantom(seed=1)
+    s1, s2 = tool.encode(phantom[0]), tool.encode(img2)
+    clicks1 = [Click(50, 45, True)]
+    clicks2 = [Click(50, 45, True), Click(95, 64, False)]
+    expected = [s1.predict(clicks1).logits, s2.predict(clicks2).logits]
+    results: list = [None, None]
+    errors: list = []
+
+    def work(i: int, sess, clicks) -> None:
+        try:
+            for _ in range(5):
+                results[i] = sess.predict(clicks).logits
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(0, s1, clicks1)), threading.Thread(target=work, args=(1, s2, clicks2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    np.testing.assert_array_equal(results[0], expected[0])
+    np.testing.assert_array_equal(results[1], expected[1])
+
+
+def test_first_positive_click_covers_blob_not_background():
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    blob = (yy - 70) ** 2 + (xx - 60) ** 2 <= 22**2
+    img = ndimage.gaussian_filter(np.where(blob, 0.75, 0.35), 0.8) + rng.normal(0, 0.03, (SIZE, SIZE))
+    pred = EmbeddedTool().encode(_to_rgb(img)).predict([Click(60, 70, True)])
+    assert pred.mask[blob].mean() > 0.85
+    assert pred.mask[~ndimage.binary_dilation(blob, iterations=2)].mean() < 0.01
+
+
+def test_negative_click_removes_wrong_part_only(session, phantom):
+    _, target, distractor = phantom
+    # A previous mask that wrongly includes the connected same-intensity distractor.
+    prior = np.where(target | distractor, 4.0, -4.0).astype(np.float32)
+    pred = session.predict([Click(50, 45, True), Click(95, 64, False)], prior)
+    assert pred.mask[distractor].mean() < 0.2
+    assert pred.mask[target].mean() > 0.85
+
+
+def test_oracle_reaches_090_within_20_clicks(session, phantom):
+    score, n = _oracle(session, phantom[1])
+    assert score >= STOP_IOU and n <= MAX_CLICKS
+
+
+def test_prior_logits_chain_does_not_hurt(session, phantom):
+    with_prior, _ = _oracle(session, phantom[1], prior_chain=True)
+    clicks = [Click(50, 45, True), Click(95, 64, False)]
+    first = session.predict(clicks[:1])
+    chained = session.predict(clicks, first.logits)
+    fresh = session.predict(clicks)
+    assert _iou(chained.mask, phantom[1]) >= _iou(fresh.mask, phantom[1]) - 0.02
+    assert with_prior >= STOP_IOU
+
+
+def test_no_clicks_gives_empty_mask(session):
+    pred = session.predict([])
+    assert not pred.mask.any() and pred.mask.shape == (SIZE, SIZE)
+    assert (pred.logits < 0).all()
+
+
+def test_no_clicks_with_prior_keeps_prior(session):
+    prior = np.full((SIZE, SIZE), -3.0, np.float32)
+    prior[10:20, 10:20] = 3.0
+    pred = session.predict([], prior)
+    np.testing.assert_array_equal(pred.mask, prior > 0)
+
+
+def test_click_outside_image_raises(session):
+    with pytest.raises(ValueError):
+        session.predict([Click(SIZE, 5, True)])
+    with pytest.raises(ValueError):
+        session.predict([Click(5, SIZE + 3, False)])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((32, 32, 3), np.float32),
+        np.zeros((32, 32), np.uint8),
+        np.zeros((32, 32, 4), np.uint8),
+    ],
+)
+def test_bad_images_raise(bad):
+    with pytest.raises(ValueError):
+        EmbeddedTool().encode(bad)
+
+
+def test_flat_image_does_not_crash():
+    pred = EmbeddedTool().encode(np.full((40, 50, 3), 128, np.uint8)).predict([Click(10, 20, True)])
+    assert pred.mask.shape == (40, 50) and pred.mask[20, 10]
