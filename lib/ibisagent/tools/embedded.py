@@ -248,6 +248,13 @@ class EmbeddedSession(ImageSession):
         logits = np.clip(np.where(mask, magnitude, -magnitude), -LOGIT_CLIP, LOGIT_CLIP).astype(np.float32)
         return Prediction(mask, logits)
 
+    def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
+        """(H, W) float32 log-odds of an existing mask (±:data:`LLR_CLIP`), to refine it as if the tool had made it."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self.shape:
+            raise ValueError(f"mask shape {mask.shape} != image shape {self.shape}")
+        return np.where(mask, LLR_CLIP, -LLR_CLIP).astype(np.float32)
+
     def _prior(self, prior_logits: np.ndarray | None) -> np.ndarray | None:
         if prior_logits is None:
             return None
