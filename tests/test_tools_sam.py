@@ -382,3 +382,26 @@ def test_same_model_as_sam2_build_sam2():
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
     assert ours.sam_mask_decoder.dynamic_multimask_via_stability
     assert reference.sam_mask_decoder.dynamic_multimask_via_stability
+
+
+@pytest.mark.parametrize("spec", ["medsam2:random", "sam:vit_b@random", "medsam:random"])
+def test_logits_from_mask_round_trips_a_mask_through_the_model_frame(spec: str) -> None:
+    """An existing mask becomes prior logits that decode (as the tools upsample logits) back to the same region."""
+    tool = load_tool(spec)
+    session = tool.encode(np.zeros((200, 300, 3), np.uint8))
+    mask = np.zeros((200, 300), dtype=bool)
+    mask[40:120, 60:200] = True
+    logits = session.logits_from_mask(mask)
+    size = tool.low_res_size
+    assert logits.shape == (1, size, size) and logits.dtype == np.float32
+    assert logits.max() > 0 > logits.min()
+    frame = torch.nn.functional.interpolate(torch.as_tensor(logits)[None], (tool.image_size, tool.image_size),
+                                            mode="bilinear", align_corners=False)
+    h, w = getattr(session, "input_size", (tool.image_size, tool.image_size))
+    back = torch.nn.functional.interpolate(frame[..., :h, :w], (200, 300), mode="bilinear", align_corners=False)
+    decoded = back[0, 0].numpy() > 0
+    assert (decoded & mask).sum() / (decoded | mask).sum() > 0.9
+    # a click-free predict with that prior is accepted as mask input
+    assert session.predict([], logits).mask.shape == (200, 300)
+    with pytest.raises(ValueError, match="shape"):
+        session.logits_from_mask(np.zeros((10, 10), bool))

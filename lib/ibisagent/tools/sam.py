@@ -93,6 +93,33 @@ def empty_prediction(shape: tuple[int, int], size: int) -> Prediction:
     )
 
 
+#: Magnitude of the logits that encode an existing mask (a confident mask, well inside the clamp range).
+MASK_PRIOR_LOGIT = 10.0
+
+
+def mask_to_low_res_logits(
+    mask: np.ndarray, shape: tuple[int, int], input_size: tuple[int, int], image_size: int, low_res_size: int
+) -> np.ndarray:
+    """Encode an (H, W) bool mask as the model's low-res logits, to start refinement from it.
+
+    The mask follows the image's path into the model frame (resized to ``input_size`` = (h, w), zero-padded to
+    ``image_size`` square) and is area-averaged down to ``low_res_size``; a fraction f of foreground becomes the
+    logit ``(2f - 1) · MASK_PRIOR_LOGIT``.
+
+    Returns:
+        (1, low_res_size, low_res_size) float32.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != tuple(shape):
+        raise ValueError(f"mask shape {mask.shape} != image shape {tuple(shape)}")
+    h, w = input_size
+    m = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+    m = F.interpolate(m, (h, w), mode="bilinear", align_corners=False)
+    m = F.pad(m, (0, image_size - w, 0, image_size - h))
+    m = F.interpolate(m, (low_res_size, low_res_size), mode="area")
+    return ((2.0 * m[0] - 1.0) * MASK_PRIOR_LOGIT).numpy().astype(np.float32)
+
+
 def select_mask(low_res: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """The highest-scoring mask: (1, C, L, L) logits and (1, C) scores → (1, 1, L, L)."""
     best = int(torch.argmax(scores[0]).item())
@@ -251,6 +278,11 @@ class SamSession(ImageSession):
         coords = coords * np.array([w / ow, h / oh], dtype=np.float32)
         device = self._tool.device
         return torch.as_tensor(coords, device=device)[None], torch.as_tensor(labels, device=device)[None]
+
+    def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
+        """(1, 256, 256) logits encoding an existing (H, W) mask (see :func:`mask_to_low_res_logits`)."""
+        tool = self._tool
+        return mask_to_low_res_logits(mask, self.shape, self.input_size, tool.image_size, tool.low_res_size)
 
     def predict(self, clicks: Sequence[Click], prior_logits: np.ndarray | None = None) -> Prediction:
         """Segment from all clicks so far (see :meth:`ImageSession.predict`).

@@ -38,6 +38,7 @@ from ibisagent.tools.sam import (
     MAX_LOGIT,
     check_prior,
     click_arrays,
+    mask_to_low_res_logits,
     empty_prediction,
     load_weights,
     select_mask,
@@ -227,6 +228,11 @@ class Sam2Session(ImageSession):
         coords = coords * np.array([s / w, s / h], dtype=np.float32)
         device = self._tool.device
         return torch.as_tensor(coords, device=device)[None], torch.as_tensor(labels, device=device)[None]
+
+    def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
+        """(1, S/4, S/4) logits encoding an existing (H, W) mask (see :func:`mask_to_low_res_logits`)."""
+        s = self._tool.image_size
+        return mask_to_low_res_logits(mask, self.shape, (s, s), s, self._tool.low_res_size)
 
     def predict(self, clicks: Sequence[Click], prior_logits: np.ndarray | None = None) -> Prediction:
         """Segment from all clicks so far (see :meth:`ImageSession.predict`).
