@@ -39,6 +39,8 @@ def small_manifest(tmp_path: Path) -> Path:
          "targets": [{"name": "tumour", "mask": None}]},
         {"id": "two", "image": img, "modality": "MR", "instruction": "Segment the disc and the square.",
          "targets": [{"name": "disc", "mask": m1}, {"name": "square", "mask": m2}]},
+        {"id": "vqa", "image": img, "modality": "MR", "instruction": "Is there a disc?", "targets": [],
+         "answer": "yes"},
         {"id": "missing", "image": "nope.png", "modality": "MR", "instruction": "x",
          "targets": [{"name": "a", "mask": m1}]},
         {"id": "mismatch", "image": img, "modality": "MR", "instruction": "x", "targets": [{"name": "a", "mask": small}]},
@@ -58,7 +60,8 @@ def test_eval_scores_good_cases_and_records_bad_ones(small_manifest: Path, tmp_p
     assert code == 1  # some cases failed, the rest were written
     results = json.loads((out / "results.json").read_text())
     cases = {c["id"]: c for c in results["cases"]}
-    assert set(cases) == {"disc", "absent", "two", "line 4", "missing", "mismatch"}
+    assert set(cases) == {"disc", "absent", "two", "line 4", "vqa", "missing", "mismatch"}
+    assert "skipped" in cases["vqa"] and "error" not in cases["vqa"]
     assert "nope.png" in cases["missing"]["error"]
     assert "small.png" in cases["mismatch"]["error"]
     assert "line 4" in cases["line 4"]["error"]

@@ -63,6 +63,12 @@ class CaseResult:
     seconds: float = 0.0
     targets: list[TargetResult] = field(default_factory=list)
     error: str | None = None
+    skipped: str | None = None
+
+    @property
+    def scored(self) -> bool:
+        """Whether the case counts in the aggregate (it ran and had something to score)."""
+        return self.error is None and self.skipped is None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -81,6 +87,8 @@ class CaseResult:
         }
         if self.error is not None:
             data["error"] = self.error
+        if self.skipped is not None:
+            data["skipped"] = self.skipped
         return data
 
 
@@ -132,6 +140,9 @@ def simulate_case(
     rule: ErrorRule = "peak",
 ) -> tuple[list[TrajectoryRecord], CaseResult]:
     """Run the oracle on every target of one loaded case (one image encode for all targets)."""
+    if not loaded.targets:
+        return [], CaseResult(id=loaded.case.id, modality=loaded.case.modality,
+                              skipped="closed-VQA case without a segmentation target: the oracle has nothing to click")
     start = time.perf_counter()
     session = tool.encode(loaded.rgb)
     records: list[TrajectoryRecord] = []
@@ -204,13 +215,14 @@ def _noc(result: CaseResult, threshold: float, budget: int) -> float:
 
 
 def _summary(rows: Sequence[CaseResult], budget: int) -> dict[str, Any]:
-    ok = [r for r in rows if r.error is None]
+    ok = [r for r in rows if r.scored]
+    errors = sum(r.error is not None for r in rows)
     if not ok:
-        return {"samples": 0, "errors": len(rows)}
+        return {"samples": 0, "errors": errors}
     ious = [float(r.iou) for r in ok]  # type: ignore[arg-type]
     out: dict[str, Any] = {
         "samples": len(ok),
-        "errors": len(rows) - len(ok),
+        "errors": errors,
         "mean_iou": statistics.fmean(ious),
         "median_iou": statistics.median(ious),
         "mean_dice": statistics.fmean(float(r.dice) for r in ok),  # type: ignore[arg-type]
@@ -227,7 +239,7 @@ def _summary(rows: Sequence[CaseResult], budget: int) -> dict[str, Any]:
 def aggregate(results: Sequence[CaseResult], budget: int = DEFAULT_MAX_CLICKS) -> dict[str, Any]:
     """Overall and per-modality summaries: samples, errors, mean/median IoU and Dice, mean F1, steps, NoC."""
     overall = _summary(results, budget)
-    modalities = sorted({r.modality for r in results if r.error is None})
+    modalities = sorted({r.modality for r in results if r.scored})
     overall["per_modality"] = {m: _summary([r for r in results if r.modality == m], budget) for m in modalities}
     return overall
 
@@ -264,7 +276,9 @@ def write_results(out_dir: str | os.PathLike[str], results: Sequence[CaseResult]
              f"or {meta.get('max_steps')} clicks", "", format_table(summary), "",
              "| case | modality | IoU | Dice | F1 | steps | seconds | error |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        if r.error is None:
+        if r.skipped is not None:
+            lines.append(f"| {r.id} | {r.modality} | – | – | – | – | – | skipped: {r.skipped} |")
+        elif r.error is None:
             lines.append(f"| {r.id} | {r.modality} | {r.iou:.4f} | {r.dice:.4f} | {r.f1:.2f} | {r.steps} "
                          f"| {r.seconds:.3f} | |")
         else:

@@ -90,7 +90,7 @@ def render_trajectory(rgb: np.ndarray, record: TrajectoryRecord, path: str | os.
 
 def plot_eval(results: Sequence[CaseResult], out_dir: str | os.PathLike[str], budget: int) -> None:
     """Write ``iou_per_click.png`` (mean IoU after k clicks, final IoU carried forward) and ``iou_per_case.png``."""
-    ok = [r for r in results if r.error is None]
+    ok = [r for r in results if r.scored]
     curves = []
     for r in ok:
         for t in r.targets:

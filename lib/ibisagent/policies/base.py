@@ -1,0 +1,95 @@
+"""The one interface every policy implements: conversations in, model text out.
+
+A conversation is a list of chat messages in the Hugging Face / OpenAI shape, images as numpy arrays::
+
+    [{"role": "system", "content": [{"type": "text", "text": "…"}]},
+     {"role": "user", "content": [{"type": "image", "image": rgb}, {"type": "text", "text": "…"}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "<think>…"}]}, …]
+
+``rgb`` is (H, W, 3) uint8, already resized by the agent to the policy's pixel grid (:meth:`Policy.image_size`),
+so that the model, the tool and the overlay agree on pixels. Policies are stateless between calls and safe to share
+between threads; :meth:`Policy.generate` takes a batch so that engines that batch (vLLM, an OpenAI server with
+concurrency) can.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Message = dict[str, Any]
+Conversation = list[Message]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding settings shared by all policies."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the agent knows at a step, for policies that act on state rather than pixels (the oracle).
+
+    Attributes:
+        image: (H, W, 3) uint8, the image the policy sees.
+        masks: target name → current (H, W) bool mask.
+        targets: target names in request order.
+        step: 0-based step index.
+    """
+
+    image: np.ndarray
+    masks: dict[str, np.ndarray]
+    targets: tuple[str, ...]
+    step: int
+
+
+@dataclass(frozen=True)
+class PolicyRequest:
+    """One conversation to continue, with the agent's observation alongside."""
+
+    messages: Conversation
+    observation: Observation | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A policy's reply and where its time went."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+
+class Policy(ABC):
+    """A policy: reads conversations (and observations), writes turns in the action grammar."""
+
+    #: Short name for reports, e.g. ``"oracle"``, ``"hf:/models/ibis7b"``.
+    name: str
+
+    def image_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) this policy wants images resized to (default: unchanged)."""
+        return height, width
+
+    @abstractmethod
+    def generate(self, requests: Sequence[PolicyRequest], options: GenerationOptions) -> list[Generation]:
+        """One reply per request, in order. Raises ``PolicyError`` for an unreachable or failing backend."""
+
+
+class PolicyError(RuntimeError):
+    """A policy backend failed (server down, timeout, out of memory); the message names the backend."""
