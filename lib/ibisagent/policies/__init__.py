@@ -1,0 +1,80 @@
+"""Policies behind one interface (:class:`Policy`): the oracle, transformers, OpenAI-compatible servers, vLLM.
+
+Policy specs (DESIGN §4):
+
+=====================  ==============================================================================
+``oracle``             simulated expert (needs ground truth; built per case by the evaluation harness)
+``hf:PATH``            a local Hugging Face model directory (Qwen2.5-VL family), in-process transformers
+``openai:URL#MODEL``   any OpenAI-compatible chat endpoint (``vllm serve``, ``transformers serve``)
+``vllm:PATH``          in-process vLLM engine (``pip install -e '.[gpu]'``)
+``tiny``               the offline tiny Qwen2.5-VL (untrained: for wiring and latency, not for answers)
+=====================  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ibisagent.policies.base import (
+    Conversation,
+    Generation,
+    GenerationOptions,
+    Observation,
+    Policy,
+    PolicyError,
+    PolicyRequest,
+)
+
+__all__ = [
+    "Conversation",
+    "Generation",
+    "GenerationOptions",
+    "Observation",
+    "Policy",
+    "PolicyError",
+    "PolicyRequest",
+    "default_cache_dir",
+    "load_policy",
+]
+
+
+def default_cache_dir() -> Path:
+    """Where built artefacts (the tiny model) are kept: ``$IBISAGENT_CACHE`` or ``~/.cache/ibisagent``."""
+    return Path(os.environ.get("IBISAGENT_CACHE", Path.home() / ".cache" / "ibisagent"))
+
+
+def load_policy(spec: str, device: str | None = None) -> Policy:
+    """Build a policy from its spec (see the module docstring). ``oracle`` is not built here: it needs the case's
+    ground truth (:class:`ibisagent.policies.oracle.OraclePolicy`)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "hf" and rest:
+        from ibisagent.policies.hf import HFPolicy
+
+        return HFPolicy(_local_dir(rest), device=device)
+    if kind == "openai" and rest:
+        from ibisagent.policies.openai import OpenAIPolicy
+
+        url, sep, model = rest.rpartition("#")
+        if not sep or not url or not model:
+            raise ValueError(f"openai policy spec must be openai:URL#MODEL, got {spec!r}")
+        return OpenAIPolicy(url, model)
+    if kind == "vllm" and rest:
+        from ibisagent.policies.vllm import VLLMPolicy
+
+        return VLLMPolicy(_local_dir(rest))
+    if spec == "tiny":
+        from ibisagent.policies.hf import HFPolicy
+        from ibisagent.policies.tiny import ensure_tiny_model
+
+        return HFPolicy(ensure_tiny_model(default_cache_dir()), device=device)
+    if spec == "oracle":
+        raise ValueError("the oracle policy needs ground truth; use `ibisagent eval --policy oracle` on a manifest")
+    raise ValueError(f"unknown policy spec {spec!r}; expected oracle, hf:PATH, openai:URL#MODEL, vllm:PATH or tiny")
+
+
+def _local_dir(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path} (policies load local checkpoints only)")
+    return path

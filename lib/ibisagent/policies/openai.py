@@ -1,0 +1,291 @@
+"""``openai:URL#MODEL`` — any OpenAI-compatible chat-completions server (vLLM, ``transformers serve``, SGLang, …).
+
+Images go as PNG data URLs in ``image_url`` parts, so the server needs no access to our files. A batch runs as
+concurrent HTTP requests on a small thread pool (servers that batch — vLLM — batch them). Each request has one
+deadline, ``timeout`` seconds from its start, that covers every retry: a server that is down or stuck yields a
+:class:`PolicyError` naming the URL within ``timeout`` (plus a connect attempt), never a hang.
+
+With ``stream=True`` the reply is read as server-sent events and the time to the first content chunk is reported as
+``prefill_seconds`` (the rest as ``decode_seconds``); without streaming the whole latency is ``decode_seconds`` and
+``prefill_seconds`` is 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from ibisagent.policies.base import Conversation, Generation, GenerationOptions, Policy, PolicyError, PolicyRequest
+
+#: HTTP statuses worth retrying (rate limit, server overload or restart).
+RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+def parse_openai_spec(rest: str) -> tuple[str, str]:
+    """``URL#MODEL`` (the part after ``openai:``) → ``(base_url, model)``. The model may be empty (server default)."""
+    url, sep, model = rest.partition("#")
+    if not url:
+        raise ValueError(f"openai policy spec needs a URL: 'openai:URL#MODEL', got 'openai:{rest}'")
+    if not sep:
+        model = ""
+    return url, model
+
+
+def normalise_base_url(url: str) -> str:
+    """``http://host:8000`` → ``http://host:8000/v1``; a URL with a path is kept as given (minus a trailing slash)."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.path in ("", "/"):
+        url = url + "/v1"
+    return url
+
+
+def image_data_url(image: Any) -> str:
+    """An (H, W, 3) uint8 array (or a PIL image) → ``data:image/png;base64,…``."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        pil = image.convert("RGB")
+    else:
+        arr = np.asarray(image)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+            raise PolicyError(f"images must be (H, W, 3) uint8, got shape {arr.shape}")
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+        pil = Image.fromarray(arr[..., :3])
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def to_openai_messages(messages: Conversation) -> list[dict[str, Any]]:
+    """HF-style messages with numpy images → OpenAI chat messages with ``image_url`` data-URL parts."""
+    out: list[dict[str, Any]] = []
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, str) or content is None:
+            out.append({"role": msg["role"], "content": content or ""})
+            continue
+        parts: list[dict[str, Any]] = []
+        for part in content:
+            kind = part.get("type")
+            if kind == "image" or (kind is None and "image" in part):
+                parts.append({"type": "image_url", "image_url": {"url": image_data_url(part["image"])}})
+            elif kind == "image_url":
+                parts.append({"type": "image_url", "image_url": part["image_url"]})
+            elif kind == "text":
+                parts.append({"type": "text", "text": part.get("text", "")})
+            else:
+                raise PolicyError(f"openai policy: unsupported message part type {kind!r}")
+        out.append({"role": msg["role"], "content": parts})
+    return out
+
+
+class OpenAIPolicy(Policy):
+    """A policy behind an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Args:
+        base_url: the API root, e.g. ``http://127.0.0.1:8000/v1`` (``/v1`` is added when the URL has no path).
+        model: the served model name (``vllm serve`` uses the checkpoint path unless ``--served-model-name``).
+        api_key: bearer token; default ``$OPENAI_API_KEY``, else ``"EMPTY"`` (what local servers expect).
+        timeout: seconds per request, all retries included.
+        retries: extra attempts after a connection error, a timeout or a retryable status (429, 5xx).
+        concurrency: requests of one batch in flight at once.
+        stream: read replies as server-sent events to measure the time to the first token.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 2,
+        concurrency: int = 4,
+        stream: bool = False,
+    ) -> None:
+        import httpx
+
+        self.base_url = normalise_base_url(base_url)
+        self.model = model
+        self.name = f"openai:{self.base_url}#{model}"
+        self.url = self.base_url + "/chat/completions"
+        self.timeout = float(timeout)
+        self.retries = max(0, int(retries))
+        self.concurrency = max(1, int(concurrency))
+        self.stream = stream
+        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "EMPTY")
+        self._client = httpx.Client(
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
+        )
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    @classmethod
+    def from_spec(cls, rest: str, **kwargs: Any) -> OpenAIPolicy:
+        """From the part of a policy spec after ``openai:`` (``URL#MODEL``)."""
+        url, model = parse_openai_spec(rest)
+        return cls(url, model, **kwargs)
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+        self._client.close()
+
+    def __enter__(self) -> OpenAIPolicy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, requests: Sequence[PolicyRequest], options: GenerationOptions) -> list[Generation]:
+        if not requests:
+            return []
+        bodies = [self._body(req.messages, options) for req in requests]
+        if len(bodies) == 1 or self.concurrency == 1:
+            return [self._complete(b) for b in bodies]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-policy")
+            pool = self._pool
+        futures = [pool.submit(self._complete, b) for b in bodies]
+        return [f.result() for f in futures]
+
+    def _body(self, messages: Conversation, options: GenerationOptions) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": to_openai_messages(messages),
+            "max_tokens": int(options.max_new_tokens),
+            "temperature": float(options.temperature),
+        }
+        if options.temperature > 0:
+            body["top_p"] = float(options.top_p)
+        if options.seed is not None:
+            body["seed"] = int(options.seed)
+        if self.stream:
+            body["stream"] = True
+        return body
+
+    def _complete(self, body: dict[str, Any]) -> Generation:
+        import httpx
+
+        start = time.monotonic()
+        deadline = start + self.timeout
+        last: str = "no attempt made"
+        for attempt in range(self.retries + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            t = httpx.Timeout(remaining, connect=min(remaining, 10.0))
+            try:
+                if self.stream:
+                    return self._complete_stream(body, t, deadline)
+                t0 = time.perf_counter()
+                resp = self._client.post(self.url, json=body, timeout=t)
+                elapsed = time.perf_counter() - t0
+                if resp.status_code != 200:
+                    raise _StatusError(resp.status_code, resp.text[:500])
+                return self._parse(resp.json(), elapsed)
+            except _StatusError as exc:
+                last = str(exc)
+                if exc.status not in RETRY_STATUSES:
+                    raise PolicyError(f"{self.name}: {self.url} answered {last}") from None
+            except httpx.TimeoutException as exc:
+                last = f"timed out ({type(exc).__name__})"
+            except httpx.TransportError as exc:
+                last = f"cannot connect ({type(exc).__name__}: {exc})"
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise PolicyError(f"{self.name}: unexpected reply from {self.url}: {exc}") from exc
+            if attempt < self.retries:
+                pause = min(0.5 * 2**attempt + random.uniform(0, 0.25), max(0.0, deadline - time.monotonic()))
+                time.sleep(pause)
+        waited = time.monotonic() - start
+        raise PolicyError(
+            f"{self.name}: no reply from {self.url} after {waited:.1f} s "
+            f"({self.retries + 1} attempts, timeout {self.timeout:g} s): {last}"
+        )
+
+    def _parse(self, data: dict[str, Any], elapsed: float) -> Generation:
+        if "choices" not in data:
+            raise KeyError(f"no 'choices' in {json.dumps(data)[:300]}")
+        choice = data["choices"][0]
+        text = choice["message"].get("content") or ""
+        usage = data.get("usage") or {}
+        return Generation(
+            text=text,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            prefill_seconds=0.0,
+            decode_seconds=elapsed,
+            extra={"finish_reason": choice.get("finish_reason"), "model": data.get("model")},
+        )
+
+    def _complete_stream(self, body: dict[str, Any], timeout: Any, deadline: float) -> Generation:
+        t0 = time.perf_counter()
+        first: float | None = None
+        pieces: list[str] = []
+        chunks = 0
+        usage: dict[str, Any] = {}
+        finish = None
+        model = None
+        with self._client.stream("POST", self.url, json=body, timeout=timeout) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                raise _StatusError(resp.status_code, resp.text[:500])
+            for line in resp.iter_lines():
+                if time.monotonic() > deadline:
+                    import httpx
+
+                    raise httpx.ReadTimeout("stream exceeded the request deadline")
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                data = json.loads(payload)
+                model = data.get("model", model)
+                usage = data.get("usage") or usage
+                for choice in data.get("choices") or []:
+                    delta = (choice.get("delta") or {}).get("content")
+                    if delta:
+                        if first is None:
+                            first = time.perf_counter()
+                        pieces.append(delta)
+                        chunks += 1
+                    finish = choice.get("finish_reason") or finish
+        t1 = time.perf_counter()
+        first = first if first is not None else t1
+        return Generation(
+            text="".join(pieces),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or chunks),
+            prefill_seconds=first - t0,
+            decode_seconds=t1 - first,
+            extra={"finish_reason": finish, "model": model, "stream": True},
+        )
+
+
+class _StatusError(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"HTTP {status}: {text}")
+        self.status = status
