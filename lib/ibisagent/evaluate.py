@@ -28,7 +28,8 @@ from ibisagent.data.manifest import Case, CaseError, LoadedCase, load_case, read
 from ibisagent.data.trajectory import ClickRecord, StepRecord, TrajectoryRecord, rle_encode
 from ibisagent.fileio import atomic_write_text
 from ibisagent.metrics import dice, entity_counts, f1_from_counts, iou
-from ibisagent.protocol import Action, Response, format_action, format_response
+from ibisagent.policies.oracle import oracle_step_text
+from ibisagent.protocol import Action, format_action, format_response
 from ibisagent.tools.base import SegmentationTool
 
 log = logging.getLogger(__name__)
@@ -90,18 +91,6 @@ class CaseResult:
         if self.skipped is not None:
             data["skipped"] = self.skipped
         return data
-
-
-def oracle_step_text(action: Action, before_iou: float) -> Response:
-    """A geometric reasoning sentence for a simulated click (the oracle's ``<think>``), in the action grammar."""
-    where = f"({action.x:.2f}, {action.y:.2f})"
-    if action.kind == "positive":
-        think = (f"The current mask (IoU {before_iou:.2f} with the target) misses target tissue; the largest missed "
-                 f"part is centred near {where}, so I add a positive point there.")
-    else:
-        think = (f"The current mask (IoU {before_iou:.2f} with the target) spills outside the target; the largest "
-                 f"wrongly included part is centred near {where}, so I add a negative point there.")
-    return Response(think=think, actions=(action,))
 
 
 def _trajectory_record(

@@ -23,7 +23,15 @@ import numpy as np
 from ibisagent.agent import resize_mask
 from ibisagent.clicks import Click, ErrorRule, next_click
 from ibisagent.metrics import iou
-from ibisagent.policies.base import Conversation, Generation, GenerationOptions, Observation, Policy, PolicyError, PolicyRequest
+from ibisagent.policies.base import (
+    Conversation,
+    Generation,
+    GenerationOptions,
+    Observation,
+    Policy,
+    PolicyError,
+    PolicyRequest,
+)
 from ibisagent.protocol import Action, ProtocolError, Response, format_response, parse_response
 
 #: Default IoU at which the oracle terminates (the NoC@90 protocol).
