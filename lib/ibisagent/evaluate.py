@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ibisagent.clicks import DEFAULT_IOU_STOP, DEFAULT_MAX_CLICKS, ErrorRule, SimulatedStep, simulate
-from ibisagent.data.manifest import Case, CaseError, LoadedCase, load_case, read_manifest
+from ibisagent.data.manifest import CaseError, LoadedCase, load_case, read_manifest
 from ibisagent.data.trajectory import ClickRecord, StepRecord, TrajectoryRecord, rle_encode
 from ibisagent.fileio import atomic_write_text
 from ibisagent.metrics import dice, entity_counts, f1_from_counts, iou

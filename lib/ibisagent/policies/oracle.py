@@ -40,20 +40,33 @@ DEFAULT_ORACLE_IOU_STOP = 0.9
 ABSENT_ANSWER = "not present"
 
 
+#: Below this IoU the oracle's reasoning calls the mask rough rather than close.
+COARSE_IOU = 0.7
+
+
 def oracle_step_text(action: Action, before_iou: float) -> Response:
     """A geometric reasoning sentence for a simulated click (the oracle's ``<think>``), in the action grammar."""
     return Response(think=click_sentence(action, before_iou), actions=(action,))
 
 
 def click_sentence(action: Action, before_iou: float, target: str | None = None) -> str:
-    """Why the click ``action`` (relative coordinates) is placed: the error region it fixes and where it lies."""
+    """Why the click ``action`` (relative coordinates) is placed: the error region it fixes and where it lies.
+
+    The sentence describes only what the overlay shows (how much of the target is covered, in words): a number such
+    as the IoU with the hidden ground truth would teach a model trained on these texts to invent it.
+    """
     where = f"({action.x:.2f}, {action.y:.2f})"
     subject = f"the {target}" if target else "the target"
+    if before_iou <= 0.0:
+        state = f"There is no mask on {subject} yet"
+    elif before_iou < COARSE_IOU:
+        state = f"The mask covers {subject} only roughly"
+    else:
+        state = f"The mask is close to {subject}"
     if action.kind == "positive":
-        return (f"The current mask (IoU {before_iou:.2f} with {subject}) misses target tissue; the largest missed "
-                f"part is centred near {where}, so I add a positive point there.")
-    return (f"The current mask (IoU {before_iou:.2f} with {subject}) spills outside the target; the largest "
-            f"wrongly included part is centred near {where}, so I add a negative point there.")
+        return f"{state}; the largest missed part is centred near {where}, so I add a positive point there."
+    return (f"{state}, but it spills outside; the largest wrongly included part is centred near {where}, so I add a "
+            "negative point there.")
 
 
 class OraclePolicy(Policy):
