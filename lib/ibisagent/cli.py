@@ -33,6 +33,14 @@ def _add_loop_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_agent_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--history", choices=("off", "full"), default="off",
+                        help="what the policy sees each step: off = current overlay only (the released checkpoint's "
+                        "setting), full = the whole interleaved history")
+    parser.add_argument("--prompts", type=Path, help="a TOML prompt file overriding the built-in wording")
+    parser.add_argument("--time-limit", type=float, default=None, help="wall-clock seconds per case (default: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ibisagent", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
@@ -45,10 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a policy + tool on a manifest (results.json, results.md, plots)")
     p.add_argument("manifest", type=Path)
-    p.add_argument("--policy", default="oracle", help="policy spec (this release: oracle)")
+    p.add_argument("--policy", default="oracle",
+                   help="policy spec: oracle (simulated expert), hf:PATH, openai:URL#MODEL, vllm:PATH, tiny")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--trajectories", action="store_true", help="also write DIR/trajectories.jsonl")
     _add_loop_options(p)
+    _add_agent_options(p)
+
+    p = sub.add_parser("segment", help="segment a 2D image or a volume with the agent (think → click → observe)")
+    p.add_argument("image", type=Path, help="PNG/JPEG, NIfTI/NRRD, DICOM file or DICOM series folder")
+    p.add_argument("--prompt", required=True, help='the instruction, e.g. "Segment the liver."')
+    p.add_argument("--target", action="append", help="target name (repeatable; default: one target, 'target')")
+    p.add_argument("--policy", default=None, help="policy spec (default: the bundled default; see README)")
+    p.add_argument("--tool", default="embedded", help="tool spec (default: embedded)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--slice", type=int, help="volumes: key slice to start from (default: the middle slice)")
+    p.add_argument("--range", type=int, nargs=2, metavar=("FIRST", "LAST"), help="volumes: slices to stay within")
+    p.add_argument("--max-steps", type=int, default=10, help="agent steps per slice (default: 10)")
+    p.add_argument("--out", type=Path, required=True, help="mask to write (.png for 2D; .nii.gz/.nrrd any)")
+    p.add_argument("--trace", type=Path, required=True, help="trajectory JSONL (reasoning, clicks, masks per step)")
+    p.add_argument("--viz", type=Path, help="PNG: the trajectory strip (2D) or the key slice's (volumes)")
+    _add_agent_options(p)
 
     p = sub.add_parser("render", help="draw a trajectory strip (image, clicks, mask and IoU per step)")
     p.add_argument("trajectory", type=Path, help="trajectory JSONL")
@@ -105,17 +130,97 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ibisagent.data.trajectory import write_trajectories
     from ibisagent.evaluate import format_table, write_results
 
-    if args.policy != "oracle":
-        print(f"ibisagent: policy {args.policy!r} is not available in this release; use --policy oracle "
-              "(MLLM policies arrive with the agent loop)", file=sys.stderr)
-        return 2
-    records, results = _run_oracle(args)
+    if args.policy == "oracle":
+        records, results = _run_oracle(args)
+    else:
+        from ibisagent.evaluate import run_policy
+
+        policy = _load_policy(args.policy, args.device)
+        records, results = run_policy(args.manifest, policy, _load_tool(args.tool, args.device), _agent_config(args),
+                                      prompts=_prompts(args), progress=not args.no_progress)
     summary = write_results(args.out, results, _meta(args, args.policy), args.max_steps)
     if args.trajectories:
         write_trajectories(args.out / "trajectories.jsonl", records)
     print(format_table(summary))
     print(f"\nresults → {args.out / 'results.json'}")
     return _report_errors(results)
+
+
+def _agent_config(args: argparse.Namespace):  # noqa: ANN202 - AgentConfig, imported lazily
+    from ibisagent.agent import AgentConfig
+
+    return AgentConfig(max_steps=args.max_steps, history=args.history, time_limit=args.time_limit)
+
+
+def _prompts(args: argparse.Namespace):  # noqa: ANN202 - Prompts | None
+    from ibisagent.prompts import load_prompts
+
+    return load_prompts(args.prompts) if args.prompts else None
+
+
+def _load_policy(spec: str | None, device: str):  # noqa: ANN202 - Policy
+    from ibisagent.policies import load_policy
+
+    if spec is None:
+        log.warning("no --policy given: using the offline tiny Qwen2.5-VL, which is UNTRAINED (it wires the loop, it "
+                    "does not segment); pass hf:PATH / openai:URL#MODEL / vllm:PATH for a real checkpoint")
+        spec = "tiny"
+    return load_policy(spec, device=None if device == "cpu" and spec == "tiny" else device)
+
+
+def _output_paths(out: Path, targets: Sequence[str]) -> dict[str, Path]:
+    """One mask file per target: ``out`` itself for one target, ``out`` with ``_<target>`` before the suffix else."""
+    if len(targets) == 1:
+        return {targets[0]: out}
+    suffix = "".join(out.suffixes)
+    stem = out.name[: len(out.name) - len(suffix)] if suffix else out.name
+    safe = {t: "".join(c if c.isalnum() or c in "-_" else "_" for c in t) for t in targets}
+    return {t: out.with_name(f"{stem}_{safe[t]}{suffix}") for t in targets}
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from ibisagent.agent import run_agent
+    from ibisagent.data.trajectory import write_trajectories
+    from ibisagent.imaging import load_image, save_mask_like, to_display_rgb
+    from ibisagent.render import render_trajectory
+    from ibisagent.volume import segment_volume, slice_rgb
+
+    targets = tuple(args.target or ["target"])
+    image = load_image(args.image)
+    policy = _load_policy(args.policy, args.device)
+    tool = _load_tool(args.tool, args.device)
+    config = _agent_config(args)
+    outputs = _output_paths(args.out, targets)
+    if image.is_volume:
+        result = segment_volume(policy, tool, image, args.prompt, targets, key_slice=args.slice,
+                                slice_range=tuple(args.range) if args.range else None, config=config,
+                                prompts=_prompts(args))
+        records = [r for k in sorted(result.slices)
+                   for r in result.slices[k].to_records(args.image.name, str(args.image), tool.name,
+                                                        modality=image.modality, slice=k)]
+        for name, path in outputs.items():
+            save_mask_like(result.masks[name], image, path)
+        key = result.slices[result.key_slice]
+        viz_rgb, viz_records = slice_rgb(image, result.key_slice), key.to_records(args.image.name, str(args.image),
+                                                                                  tool.name, slice=result.key_slice)
+        summary = (f"key slice {result.key_slice}; {len(result.slices)} slices visited; "
+                   + "; ".join(f"{d}: {why}" for d, why in result.stops.items()))
+    else:
+        if args.slice is not None:
+            log.warning("--slice ignored: %s is a 2D image", args.image)
+        rgb = to_display_rgb(image.array, image.modality)
+        trajectory = run_agent(policy, tool.encode(rgb), rgb, args.prompt, targets, config=config,
+                               prompts=_prompts(args))
+        records = trajectory.to_records(args.image.name, str(args.image), tool.name, modality=image.modality)
+        for name, path in outputs.items():
+            save_mask_like(trajectory.masks[name], image, path)
+        viz_rgb, viz_records = rgb, records
+        summary = f"{len(trajectory.steps)} steps, stop: {trajectory.stop_reason}, answer: {trajectory.answer!r}"
+    write_trajectories(args.trace, records)
+    if args.viz is not None and viz_records:
+        render_trajectory(viz_rgb, viz_records[0], args.viz)
+    print(f"{summary}\nmask → {', '.join(str(p) for p in outputs.values())}; trace → {args.trace}")
+    return 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -172,7 +277,8 @@ def _report_errors(results: Sequence[object]) -> int:
     return 1 if failed else 0
 
 
-COMMANDS = {"simulate": cmd_simulate, "eval": cmd_eval, "render": cmd_render, "bench": cmd_bench, "demo": cmd_demo}
+COMMANDS = {"simulate": cmd_simulate, "eval": cmd_eval, "segment": cmd_segment, "render": cmd_render,
+            "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -31,6 +31,11 @@ from ibisagent.metrics import dice, entity_counts, f1_from_counts, iou
 from ibisagent.policies.oracle import oracle_step_text
 from ibisagent.protocol import Action, format_action, format_response
 from ibisagent.tools.base import SegmentationTool
+
+if TYPE_CHECKING:
+    from ibisagent.agent import AgentConfig
+    from ibisagent.policies.base import Policy
+    from ibisagent.prompts import Prompts
 
 log = logging.getLogger(__name__)
 
@@ -278,3 +283,57 @@ def write_results(out_dir: str | os.PathLike[str], results: Sequence[CaseResult]
     plot_eval(results, out, budget)
     return summary
 
+
+def policy_case(
+    loaded: LoadedCase, policy: Policy, tool: SegmentationTool, config: AgentConfig, prompts: Prompts | None = None
+) -> tuple[list[TrajectoryRecord], CaseResult]:
+    """Run the agent (an MLLM policy) on one loaded case and score it against the case's ground truth."""
+    from ibisagent.agent import run_agent
+
+    case = loaded.case
+    start = time.perf_counter()
+    if not loaded.targets:
+        return [], CaseResult(id=case.id, modality=case.modality,
+                              skipped="closed-VQA case: answer scoring is not part of segmentation eval yet")
+    names = tuple(loaded.targets)
+    initial = {n: loaded.initial_mask for n in names} if loaded.initial_mask is not None else None
+    trajectory = run_agent(policy, tool.encode(loaded.rgb), loaded.rgb, case.instruction, names, config=config,
+                           prompts=prompts, initial_masks=initial)
+    truth = {n: (m if m is not None else np.zeros(loaded.rgb.shape[:2], bool)) for n, m in loaded.targets.items()}
+    records = trajectory.to_records(case.id, str(case.image), tool.name, modality=case.modality, slice=case.slice,
+                                    ground_truth=truth)
+    pairs = [(trajectory.masks[n], truth[n]) for n in names]
+    steps = len({s.index for s in trajectory.steps})
+    targets = [TargetResult(name=n, iou=iou(p, g), dice=dice(p, g), steps=steps, stop_reason=trajectory.stop_reason,
+                            present=bool(g.any())) for n, (p, g) in zip(names, pairs)]
+    result = CaseResult(id=case.id, modality=case.modality, iou=statistics.fmean(t.iou for t in targets),
+                        dice=statistics.fmean(t.dice for t in targets), f1=f1_from_counts(*entity_counts(pairs)),
+                        steps=steps, seconds=time.perf_counter() - start, targets=targets)
+    return records, result
+
+
+def run_policy(
+    manifest: str | os.PathLike[str],
+    policy: Policy,
+    tool: SegmentationTool,
+    config: AgentConfig,
+    *,
+    prompts: Prompts | None = None,
+    progress: bool = True,
+) -> tuple[list[TrajectoryRecord], list[CaseResult]]:
+    """Run the agent with ``policy`` on every case of a manifest; failing cases are recorded and the run goes on."""
+    records: list[TrajectoryRecord] = []
+    results: list[CaseResult] = []
+    for entry in tqdm(read_manifest(manifest), desc=f"{policy.name}+{tool.name}", unit="case", disable=not progress):
+        if isinstance(entry, CaseError):
+            results.append(CaseResult(id=str(entry.case_id), error=str(entry)))
+            continue
+        try:
+            case_records, result = policy_case(load_case(entry), policy, tool, config, prompts)
+        except Exception as exc:  # noqa: BLE001 - a batch records any case failure and carries on
+            log.warning("case %s failed: %s", entry.id, exc, exc_info=not isinstance(exc, (ValueError, OSError)))
+            results.append(CaseResult(id=entry.id, modality=entry.modality, error=f"{type(exc).__name__}: {exc}"))
+            continue
+        records.extend(case_records)
+        results.append(result)
+    return records, results

@@ -1,0 +1,131 @@
+"""Per-slice 3D: run the agent on a key slice, then propagate slice by slice through the volume.
+
+The agent segments the key slice (the slice the user is on, ``--slice``, or the centre of a requested range). Each
+neighbouring slice then starts in refinement mode from the mask of the slice before it, so the agent reasons per
+slice (it may correct, undo, or answer that the target has ended). Propagation runs in both directions at once —
+the two fronts go through :func:`ibisagent.agent.run_agents` together, one batched policy call per round — and a
+direction stops where the agent answers that the target is absent or where every mask vanishes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ibisagent.agent import AgentConfig, AgentJob, AgentTrajectory, absent_targets, run_agents
+from ibisagent.imaging import Image, num_slices, slice_of, to_display_rgb
+from ibisagent.policies.base import Policy
+from ibisagent.prompts import Prompts
+from ibisagent.tools.base import SegmentationTool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VolumeResult:
+    """Outcome of a volume run.
+
+    Attributes:
+        masks: target name → (Z, Y, X) bool, in the canonical grid of ``Image.array``.
+        key_slice: the slice the agent started on.
+        slices: slice index → the agent's trajectory on that slice (per-slice reasoning).
+        stops: direction (``"up"``: increasing index, ``"down"``) → why propagation ended there.
+    """
+
+    masks: dict[str, np.ndarray]
+    key_slice: int
+    slices: dict[int, AgentTrajectory] = field(default_factory=dict)
+    stops: dict[str, str] = field(default_factory=dict)
+
+
+def slice_rgb(image: Image, k: int, window: tuple[float, float] | str | None = None) -> np.ndarray:
+    """Axial slice ``k`` of a volume as the (Y, X, 3) uint8 display image the policy and the tool see."""
+    return to_display_rgb(slice_of(image, k), image.modality, window=window)
+
+
+def _ended(trajectory: AgentTrajectory, targets: Sequence[str]) -> bool:
+    """A slice ends its direction when the agent calls every target absent or no mask is left."""
+    absent = absent_targets(trajectory.answer, targets) if trajectory.answer else frozenset()
+    return set(targets) <= set(absent) or not any(m.any() for m in trajectory.masks.values())
+
+
+def segment_volume(
+    policy: Policy,
+    tool: SegmentationTool,
+    image: Image,
+    instruction: str,
+    targets: Sequence[str],
+    *,
+    key_slice: int | None = None,
+    slice_range: tuple[int, int] | None = None,
+    config: AgentConfig | None = None,
+    prompts: Prompts | None = None,
+    window: tuple[float, float] | str | None = None,
+) -> VolumeResult:
+    """Segment ``targets`` through a volume (see the module docstring).
+
+    Args:
+        policy, tool: the agent's policy and segmenter.
+        image: a volume (:func:`ibisagent.imaging.load_image`); ``image.array`` is (Z, Y, X).
+        instruction: the user's request.
+        targets: target names.
+        key_slice: where to start; default: centre of ``slice_range``, else the middle slice.
+        slice_range: inclusive (first, last) slice indices to stay within; default: the whole volume.
+        config, prompts: agent settings.
+        window: display window for CT (see :func:`ibisagent.imaging.to_display_rgb`).
+    """
+    if not image.is_volume:
+        raise ValueError(f"{image.source} is a 2D image; use run_agent for 2D")
+    depth = num_slices(image)
+    lo, hi = slice_range if slice_range is not None else (0, depth - 1)
+    if not 0 <= lo <= hi < depth:
+        raise ValueError(f"slice range ({lo}, {hi}) is outside the volume's {depth} slices")
+    key = key_slice if key_slice is not None else (lo + hi) // 2
+    if not lo <= key <= hi:
+        raise ValueError(f"key slice {key} is outside the range ({lo}, {hi}) of a {depth}-slice volume")
+    targets = tuple(targets)
+    masks = {t: np.zeros(image.array.shape[:3], dtype=bool) for t in targets}
+    result = VolumeResult(masks=masks, key_slice=key)
+
+    def job(k: int, previous: dict[str, np.ndarray] | None) -> AgentJob:
+        rgb = slice_rgb(image, k, window)
+        initial = {t: m for t, m in (previous or {}).items() if m.any()} or None
+        return AgentJob(session=tool.encode(rgb), image=rgb, instruction=instruction, targets=targets,
+                        initial_masks=initial)
+
+    first = run_agents(policy, [job(key, None)], config, prompts)[0]
+    _store(result, key, first)
+    if _ended(first, targets):
+        result.stops = {"up": "absent at key slice", "down": "absent at key slice"}
+        return result
+    fronts = {"up": (key + 1, first.masks), "down": (key - 1, first.masks)}
+    while fronts:
+        for direction, (k, _) in list(fronts.items()):
+            if not lo <= k <= hi:
+                result.stops[direction] = "volume edge" if k in (-1, depth) else "range edge"
+                del fronts[direction]
+        if not fronts:
+            break
+        order = list(fronts)
+        trajectories = run_agents(policy, [job(fronts[d][0], fronts[d][1]) for d in order], config, prompts)
+        for direction, trajectory in zip(order, trajectories):
+            k = fronts[direction][0]
+            if _ended(trajectory, targets):
+                result.slices[k] = trajectory
+                result.stops[direction] = f"target ended at slice {k} ({trajectory.stop_reason})"
+                del fronts[direction]
+                continue
+            _store(result, k, trajectory)
+            fronts[direction] = (k + 1 if direction == "up" else k - 1, trajectory.masks)
+    log.info("volume %s: key slice %d, %d slices segmented, stops %s", image.source, key,
+             sum(any(m[k].any() for m in result.masks.values()) for k in range(depth)), result.stops)
+    return result
+
+
+def _store(result: VolumeResult, k: int, trajectory: AgentTrajectory) -> None:
+    result.slices[k] = trajectory
+    for name, mask in trajectory.masks.items():
+        result.masks[name][k] = mask
