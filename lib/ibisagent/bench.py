@@ -280,3 +280,69 @@ def format_tool_bench(rows: Sequence[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(f"Machine: {machine_description()}.")
     return "\n".join(lines)
+
+
+def bench_agent(
+    policy_spec: str = "tiny",
+    size: int = 256,
+    steps: int = 4,
+    cases: int = 2,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    """Where an agent step's time goes: policy (prefill, decode), tool, rendering — per history mode.
+
+    Two runs on a synthetic case, both with the ``embedded`` tool:
+
+    - **policy**: ``policy_spec`` (default: the tiny offline Qwen2.5-VL on CPU) for ``steps`` policy calls per case.
+      An untrained model rarely writes a valid action, so repairs are allowed for every step: each call is one full
+      turn (prompt with the current image, up to 512 new tokens) either way.
+    - **loop**: the oracle policy for the same case, whose valid clicks exercise the tool and the overlay rendering
+      at every step (its own time is negligible).
+
+    Returns one row per (run, history mode) with per-step and per-case seconds by category.
+    """
+    from ibisagent.agent import AgentConfig, run_agent
+    from ibisagent.policies import load_policy
+    from ibisagent.policies.oracle import OraclePolicy
+    from ibisagent.tools import load_tool
+
+    tool = load_tool("embedded")
+    image, target = synthetic_case(size)
+    session = tool.encode(image)
+    policy = load_policy(policy_spec, device=device)
+    rows: list[dict[str, Any]] = []
+    for history in ("off", "full"):
+        for run, pol, config in (
+            (policy_spec, policy, AgentConfig(max_steps=steps, history=history, repair_retries=steps)),
+            ("oracle (tool + render)", OraclePolicy({"target": target}, iou_stop=1.0),
+             AgentConfig(max_steps=steps, history=history)),
+        ):
+            totals: dict[str, float] = {}
+            n_steps = 0
+            for _ in range(cases):
+                trajectory = run_agent(pol, session, image, "Segment the bright blob.", ["target"], config=config)
+                for key, value in trajectory.seconds.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                n_steps += len(trajectory.steps)
+            per_step = {k: v / max(n_steps, 1) for k, v in totals.items()}
+            rows.append({
+                "run": run, "history": history, "cases": cases, "steps_per_case": n_steps / cases,
+                "per_step": per_step, "per_case": {k: v / cases for k, v in totals.items()},
+            })
+    return rows
+
+
+def format_agent_bench(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`bench_agent` rows (milliseconds)."""
+    lines = ["| run | history | steps/case | per step: policy (prefill + decode) | tool | render | per case total |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, c = r["per_step"], r["per_case"]
+        lines.append(
+            f"| {r['run']} | {r['history']} | {r['steps_per_case']:.1f} | {1e3 * s.get('policy', 0):.1f} ms "
+            f"({1e3 * s.get('prefill', 0):.1f} + {1e3 * s.get('decode', 0):.1f}) | {1e3 * s.get('tool', 0):.1f} ms "
+            f"| {1e3 * s.get('render', 0):.1f} ms | {c.get('total', 0):.2f} s |"
+        )
+    lines.append("")
+    lines.append(f"Machine: {machine_description()}")
+    return "\n".join(lines)

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tool", dest="tools", action="append", help="tool spec (repeatable; default: all, random weights)")
     b.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes in px (default: 256 512)")
     b.add_argument("--repeats", type=int, default=3)
+    b = bench.add_parser("agent", help="per-step seconds: policy (prefill, decode), tool, rendering; both history modes")
+    b.add_argument("--policy", default="tiny", help="policy spec (default: the tiny offline Qwen2.5-VL)")
+    b.add_argument("--steps", type=int, default=4)
+    b.add_argument("--cases", type=int, default=2)
+    b.add_argument("--size", type=int, default=256)
+    b.add_argument("--device", default=None)
 
     p = sub.add_parser("demo", help="simulate and evaluate the sample manifest on the embedded tool")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")
@@ -244,8 +250,12 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ibisagent.bench import DEFAULT_TOOL_SPECS, bench_tools, format_tool_bench
+    from ibisagent.bench import DEFAULT_TOOL_SPECS, bench_agent, bench_tools, format_agent_bench, format_tool_bench
 
+    if args.what == "agent":
+        print(format_agent_bench(bench_agent(args.policy, size=args.size, steps=args.steps, cases=args.cases,
+                                             device=args.device)))
+        return 0
     rows = bench_tools(args.tools or list(DEFAULT_TOOL_SPECS), sizes=tuple(args.sizes), repeats=args.repeats)
     print(format_tool_bench(rows))
     return 0
