@@ -1,0 +1,1 @@
+"""One :class:`~monailabel.interfaces.config.TaskConfig` per file; ``main.py`` discovers them."""

@@ -1,0 +1,7 @@
+"""Infer tasks: ``ibisagent`` (the agent) and ``ibisagent_clicks`` (the tool alone)."""
+
+from .agent import IbisAgentInfer
+from .clicks import IbisClicksInfer
+from .common import AgentOutputs, Options, Runtime
+
+__all__ = ["AgentOutputs", "IbisAgentInfer", "IbisClicksInfer", "Options", "Runtime"]

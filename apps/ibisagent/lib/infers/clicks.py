@@ -1,0 +1,59 @@
+"""Infer task ``ibisagent_clicks``: the user's own clicks straight to the tool (hand correction, no model).
+
+The clicks are fed in order, each tool call getting all clicks so far and the previous call's logits (the same
+chaining the agent and the click simulator use).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from .common import Runtime, bad_request, display_slice, load_request_image, request_clicks, slice_or_none, write_result
+
+
+class IbisClicksInfer(InferTask):
+    """MONAI Label infer task: foreground/background voxel clicks → the tool's mask on the clicked slice."""
+
+    def __init__(self, runtime: Runtime, dimension: int = 3) -> None:
+        super().__init__(
+            type=InferType.DEEPGROW,
+            labels=None,
+            dimension=dimension,
+            description="Click-driven segmentation with the IBISAgent tool alone (no language model)",
+            config={"target": "target", "slice": ""},
+        )
+        self.runtime = runtime
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        start = time.perf_counter()
+        image = load_request_image(request["image"])
+        where = request_clicks(image, request)
+        if not where.clicks:
+            raise bad_request("no click on the image: send foreground/background voxel clicks [[i, j, k], ...]")
+        target = str(request.get("target") or "target")
+        rgb = display_slice(image, where.slice)
+        try:
+            session = self.runtime.tool().encode(rgb)
+            encoded = time.perf_counter()
+            logits = None
+            clicks = list(where.clicks)
+            for n in range(1, len(clicks) + 1):
+                prediction = session.predict(clicks[:n], logits)
+                logits = prediction.logits
+        except Exception as exc:
+            raise bad_request(f"tool failed: {type(exc).__name__}: {exc}", 500) from exc
+        label_file = write_result(prediction.mask, image, where.slice, request, [target])
+        return label_file, {
+            "label_names": {target: 1},
+            "slice": slice_or_none(image, where.slice),
+            "clicks": [{"px": c.x, "py": c.y, "positive": c.positive} for c in clicks],
+            "ignored_clicks": list(where.ignored),
+            "tool": self.runtime.options.tool,
+            "timings": {"encode": round(encoded - start, 4), "total": round(time.perf_counter() - start, 4)},
+        }

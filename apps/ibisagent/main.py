@@ -1,0 +1,183 @@
+"""IBISAgent as a MONAI Label app.
+
+Wiring only: one task config per file in ``lib/configs`` (as MONAI Label's radiology sample app does), options via
+``--conf`` (defaults in :class:`lib.infers.Options`), and the correction loop: when a ``final`` label is saved for an
+image the agent segmented, the correction becomes a trajectory in ``<studies>/ibisagent/corrections.jsonl``.
+
+    python -m monailabel.main start_server --app apps/ibisagent --studies STUDIES \\
+        --conf policy hf:/models/IBISAgent-7B --conf tool medsam2:/models/MedSAM2.pt --conf device cuda
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import lib.configs
+import numpy as np
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.utils.others.class_utils import get_class_names
+
+from lib.infers.common import Options, bad_request, check_name, display_slice, server_side_input
+
+logger = logging.getLogger(__name__)
+
+#: Folder (under a local studies folder) for agent outputs and corrections.
+DATA_SUBDIR = "ibisagent"
+
+
+class CheckedDatastore(LocalDatastore):
+    """The local datastore with input checks before anything is stored: image ids and label tags must be plain names
+    (no path separators, no ``..``), uploaded images and labels must be readable images. Remembers, per thread, the
+    tag of the label just saved (``on_save_label`` is not told the tag)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.saved = threading.local()
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        if image_id:
+            check_name(image_id, "image id")
+        _check_image_file(image_filename, "upload")
+        return super().add_image(image_id, image_filename, image_info)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        check_name(image_id, "image id")
+        check_name(label_tag, "label tag")
+        if not self.get_image_uri(image_id):
+            raise bad_request(f"unknown image id {image_id!r}", 404)
+        _check_image_file(label_filename, "label")
+        self.saved.tag = label_tag
+        return super().save_label(image_id, label_filename, label_tag, label_info)
+
+
+def _check_image_file(path: str, what: str) -> None:
+    from ibisagent.imaging import ImageError, load_image
+
+    try:
+        load_image(path)
+    except ImageError as exc:
+        name = os.path.basename(path)
+        raise bad_request(f"{what} rejected: not a readable image ({name}: {exc})", 415) from exc
+
+
+class IbisAgentApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.options = Options.from_conf(conf)
+        remote = studies.startswith(("http://", "https://"))
+        self.data_dir = Path(app_dir, "model", DATA_SUBDIR) if remote else Path(studies, DATA_SUBDIR)
+        self.model_dir = os.path.join(app_dir, "model")
+        os.makedirs(self.model_dir, exist_ok=True)
+        self._save_lock = threading.Lock()
+
+        configs = {c.split(".")[-2].lower(): c for c in get_class_names(lib.configs, "TaskConfig")}
+        self.task_configs: dict[str, TaskConfig] = {}
+        for name, path in sorted(configs.items()):
+            module, _, cls = path.rpartition(".")
+            config = getattr(__import__(module, fromlist=[cls]), cls)()
+            config.init(name, self.model_dir, conf, None, data_dir=str(self.data_dir))
+            self.task_configs[name] = config
+        logger.info("ibisagent options: %s; data in %s", self.options.as_info(), self.data_dir)
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="IBISAgent",
+                         description="Agentic interactive segmentation: instruction → clicks → mask, with reasoning",
+                         version="0.1.0")
+
+    # ---- wiring -------------------------------------------------------------------------------------------------
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return CheckedDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> dict[str, Any]:
+        infers: dict[str, Any] = {}
+        for name, config in self.task_configs.items():
+            tasks = config.infer()
+            infers.update(tasks if isinstance(tasks, dict) else {name: tasks})
+        return infers
+
+    def init_trainers(self) -> dict[str, Any]:
+        trainers: dict[str, Any] = {}
+        for name, config in self.task_configs.items():
+            tasks = config.trainer()
+            if tasks:
+                trainers.update(tasks if isinstance(tasks, dict) else {name: tasks})
+        return trainers
+
+    def info(self) -> dict[str, Any]:
+        meta = super().info()
+        meta["config"] = {**meta.get("config", {}), "ibisagent": self.options.as_info()}
+        return meta
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+
+    def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
+        image = request.get("image")
+        if isinstance(image, str) and not server_side_input(image):
+            check_name(image, "image id")
+            if not (datastore or self.datastore()).get_image_uri(image):
+                raise bad_request(f"unknown image id {image!r}", 404)
+            request = {**request, "ibisagent_image_id": image}
+        return super().infer(request, datastore)
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
+        super().on_save_label(image_id, label_id)
+        tag = getattr(getattr(self.datastore(), "saved", None), "tag", DefaultLabelTag.FINAL.value)
+        if tag != DefaultLabelTag.FINAL.value:
+            return {"corrections_added": 0}
+        try:
+            with self._save_lock:
+                added, total = self._derive_corrections(image_id, label_id)
+        except Exception as exc:  # the label is saved already; a failed derivation must not fail the save
+            logger.exception("deriving the correction for %s failed", image_id)
+            return {"corrections_added": 0, "corrections_error": f"{type(exc).__name__}: {exc}"}
+        result: dict[str, Any] = {"corrections_added": added, "corrections_total": total}
+        every = self.options.auto_train_every
+        if added and every and total // every > (total - added) // every:
+            logger.info("%d corrections collected: starting ibisagent_sft", total)
+            result["training"] = self.async_training("ibisagent_sft", None, enqueue=True)
+        return result
+
+    def _derive_corrections(self, image_id: str, label_id: str) -> tuple[int, int]:
+        from ibisagent.corrections import CorrectionStore, correction_record
+        from ibisagent.imaging import load_image
+
+        config = self.task_configs["ibisagent"]
+        store = CorrectionStore(config.corrections_path)  # type: ignore[attr-defined]
+        outputs = config.outputs.take(image_id)  # type: ignore[attr-defined]
+        if not outputs:
+            return 0, store.count()
+        image = load_image(self.datastore().get_image_uri(image_id))
+        label = load_image(self.datastore().get_label_uri(label_id, DefaultLabelTag.FINAL.value)).array
+        expected = image.array.shape if image.is_volume else image.array.shape[:2]
+        if label.shape != expected:
+            raise ValueError(f"saved label shape {label.shape} does not match image shape {expected}")
+        tool = config.runtime.tool()  # type: ignore[attr-defined]
+        added = 0
+        for k, entry in sorted(outputs.items()):
+            rgb = display_slice(image, k)
+            session = tool.encode(rgb)
+            plane = label[k] if image.is_volume else label
+            targets = entry["targets"]
+            for index, target in enumerate(targets):
+                final = plane == index + 1 if len(targets) > 1 else plane != 0
+                record = correction_record(
+                    rgb, entry["masks"][target], np.asarray(final), session, entry["instruction"], image_id,
+                    case_id=f"{image_id}:{k}" if image.is_volume else image_id, target=target,
+                    tool_name=entry["tool"], modality=image.modality, slice=k if image.is_volume else None,
+                )
+                store.append(record)
+                added += 1
+        return added, store.count()

@@ -1,0 +1,215 @@
+"""The MONAI Label app end to end: a real server on a loopback port, driven by MONAI Label's own client.
+
+The policy is the offline tiny model (untrained), so these tests check structure — files, shapes, JSON fields, the
+correction loop, error statuses, concurrency — not segmentation quality (except for the tool-only clicks task).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from ibisagent.corrections import CorrectionStore
+from ibisagent.imaging import load_image
+from ibisagent.metrics import iou
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_data" / "synthetic"
+READY_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, url: str, studies: Path, proc: subprocess.Popen, log: Path) -> None:
+        self.url, self.studies, self.proc, self.log = url, studies, proc, log
+
+    def client(self, tmp: Path) -> MONAILabelClient:
+        return MONAILabelClient(self.url, tmpdir=str(tmp), client_id="pytest")
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("app")
+    studies = base / "studies"
+    studies.mkdir()
+    shutil.copy(SAMPLES / "ct_volume.nii.gz", studies / "ct_volume.nii.gz")
+    shutil.copy(SAMPLES / "ct_abdomen.png", studies / "ct_abdomen.png")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "lib"), "MONAILABEL_PYEXE": sys.executable,
+           "MONAI_LABEL_INFER_CONCURRENCY": "4"}
+    log = base / "server.log"
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(ROOT / "apps" / "ibisagent"),
+           "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
+           "--conf", "policy", "tiny", "--conf", "tool", "embedded", "--conf", "max_steps", "3"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", studies, proc, log)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{srv.log_tail()}")
+            try:
+                if requests.get(f"{srv.url}/info/", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after {READY_TIMEOUT_S}s:\n{srv.log_tail()}")
+            time.sleep(0.5)
+        yield srv
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+
+
+def _status(exc: MONAILabelClientException) -> int:
+    match = re.search(r"Status: (\d+)", str(exc.msg))
+    return int(match.group(1)) if match else -1
+
+
+def _stored_shape(path: Path) -> tuple[int, ...]:
+    return tuple(int(s) for s in nib.load(str(path)).shape)
+
+
+def test_info_lists_models_trainers_and_options(server: Server, tmp_path: Path) -> None:
+    info = server.client(tmp_path).info()
+    models = info["models"]
+    assert models["ibisagent"]["type"] == "deepgrow" and models["ibisagent_clicks"]["type"] == "deepgrow"
+    assert "instruction" in models["ibisagent"]["config"]
+    assert set(info["trainers"]) == {"ibisagent_sft", "ibisagent_grpo"}
+    for stats in info["train_stats"].values():
+        assert {"epoch", "total_epochs", "best_metric", "total_time"} <= set(stats)
+    options = info["config"]["ibisagent"]
+    assert options["policy"] == "tiny" and options["tool"] == "embedded" and options["max_steps"] == 3
+    assert {"device", "history", "auto_train_every"} <= set(options)
+
+
+def test_agent_infer_on_a_volume_returns_mask_and_reasoning(server: Server, tmp_path: Path) -> None:
+    label, result = server.client(tmp_path).infer("ibisagent", "ct_volume", {"instruction": "Segment the liver."})
+    assert _stored_shape(Path(label)) == _stored_shape(server.studies / "ct_volume.nii.gz")
+    assert result["label_names"] == {"liver": 1}
+    assert result["stop_reason"] and "answer" in result and result["slice"] == 16
+    assert result["steps"] and {"think", "raw", "clicks", "actions", "error"} <= set(result["steps"][0])
+    assert result["timings"]["total"] > 0 and "warning" in result  # the tiny policy says it is untrained
+
+
+def test_agent_infer_writes_nrrd_when_asked(server: Server, tmp_path: Path) -> None:
+    label, _ = server.client(tmp_path).infer(
+        "ibisagent", "ct_volume", {"instruction": "Segment the liver.", "result_extension": ".nrrd", "max_steps": 1})
+    assert label.endswith(".nrrd")
+    assert load_image(label).array.shape == load_image(server.studies / "ct_volume.nii.gz").array.shape
+
+
+def test_clicks_infer_covers_the_clicked_structure(server: Server, tmp_path: Path) -> None:
+    liver = nib.load(str(SAMPLES / "ct_volume_liver.nii.gz")).get_fdata() > 0  # stored (i, j, k) order
+    k = 16
+    ii, jj = np.nonzero(liver[:, :, k])
+    click = [int(np.median(ii)), int(np.median(jj)), k]
+    assert liver[tuple(click)]
+    label, result = server.client(tmp_path).infer("ibisagent_clicks", "ct_volume", {"foreground": [click]})
+    mask = nib.load(label).get_fdata() > 0
+    assert mask.shape == liver.shape and mask[tuple(click)]
+    assert mask[:, :, k].sum() == mask.sum()  # only the clicked slice
+    assert iou(mask[:, :, k], liver[:, :, k]) > 0.5, result
+
+
+def test_saving_a_final_label_appends_a_correction(server: Server, tmp_path: Path) -> None:
+    client = server.client(tmp_path)
+    _, result = client.infer("ibisagent", "ct_abdomen", {"instruction": "Segment the liver.", "max_steps": 1})
+    assert result.get("stored_for_corrections") is True
+    corrected = tmp_path / "ct_abdomen_final.png"
+    shutil.copy(SAMPLES / "ct_liver.png", corrected)  # the radiologist's corrected mask
+    response = client.save_label("ct_abdomen", str(corrected), tag="final")
+    assert response["corrections_added"] == 1, response
+    records = CorrectionStore(server.studies / "ibisagent" / "corrections.jsonl").read()
+    assert records[-1].source == "correction" and records[-1].image == "ct_abdomen"
+    assert records[-1].instruction == "Segment the liver." and records[-1].final_iou is not None
+    # the agent output was consumed: saving again adds nothing
+    assert client.save_label("ct_abdomen", str(corrected), tag="final")["corrections_added"] == 0
+
+
+@pytest.mark.parametrize(("model", "image", "params", "status"), [
+    ("ibisagent", "no_such_image", {"instruction": "Segment the liver."}, 404),
+    ("ibisagent", "ct_volume", {}, 400),
+    ("ibisagent", "ct_volume", {"instruction": "   "}, 400),
+    ("ibisagent_clicks", "ct_volume", {"foreground": [[500, 1, 1]]}, 400),
+    ("ibisagent", "ct_volume", {"instruction": "Segment it.", "background": [[1, 1, 32]]}, 400),
+    ("ibisagent_clicks", "ct_volume", {}, 400),
+    ("ibisagent", "../ct_volume", {"instruction": "Segment it."}, 400),
+])
+def test_bad_requests_get_4xx_and_the_server_keeps_answering(
+    server: Server, tmp_path: Path, model: str, image: str, params: dict, status: int
+) -> None:
+    client = server.client(tmp_path)
+    with pytest.raises(MONAILabelClientException) as err:
+        client.infer(model, image, params)
+    assert _status(err.value) == status, err.value.msg
+    assert "Traceback" not in str(err.value.msg)
+    assert client.info()["models"]
+
+
+def test_bad_uploads_and_label_names_are_rejected(server: Server, tmp_path: Path) -> None:
+    client = server.client(tmp_path)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not an image")
+    with pytest.raises(MONAILabelClientException) as err:
+        client.upload_image(str(junk), "junk")
+    assert _status(err.value) == 415
+    assert "junk" not in json.dumps(client.datastore())
+    mask = tmp_path / "m.png"
+    shutil.copy(SAMPLES / "ct_liver.png", mask)
+    for image_id, tag in (("ct_abdomen", "../../x"), ("..", "final")):
+        r = requests.put(f"{server.url}/datastore/label", params={"image": image_id, "tag": tag},
+                         files={"label": ("m.png", mask.read_bytes())}, timeout=30)
+        assert 400 <= r.status_code < 500, r.text
+    assert not (server.studies.parent / "x.png").exists()
+
+
+def test_four_concurrent_infers_all_succeed(server: Server, tmp_path: Path) -> None:
+    def run(i: int) -> dict:
+        client = server.client(tmp_path / str(i))
+        (tmp_path / str(i)).mkdir()
+        _, result = client.infer("ibisagent", "ct_volume", {"instruction": "Segment the liver.", "max_steps": 1})
+        return result
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(4)))
+    assert all(r["stop_reason"] for r in results)
+
+
+def test_training_fails_clearly_instead_of_faking_success(server: Server) -> None:
+    r = requests.post(f"{server.url}/train/ibisagent_sft", params={"run_sync": True}, json={}, timeout=60)
+    assert r.status_code >= 400
+    time.sleep(0.5)
+    assert "not implemented" in server.log_tail(200) + r.text
