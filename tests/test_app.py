@@ -122,6 +122,7 @@ def test_agent_infer_on_a_volume_returns_mask_and_reasoning(server: Server, tmp_
     assert result["stop_reason"] and "answer" in result and result["slice"] == 16
     assert result["steps"] and {"think", "raw", "clicks", "actions", "error"} <= set(result["steps"][0])
     assert result["timings"]["total"] > 0 and "warning" in result  # the tiny policy says it is untrained
+    assert "16" in result["slices"]  # per-slice reasoning of the propagation, starting at the key slice
 
 
 def test_agent_infer_writes_nrrd_when_asked(server: Server, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ direction stops where the agent answers that the target is absent or where every
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,6 +64,7 @@ def segment_volume(
     config: AgentConfig | None = None,
     prompts: Prompts | None = None,
     window: tuple[float, float] | str | None = None,
+    initial_masks: Mapping[str, np.ndarray] | None = None,
 ) -> VolumeResult:
     """Segment ``targets`` through a volume (see the module docstring).
 
@@ -76,6 +77,7 @@ def segment_volume(
         slice_range: inclusive (first, last) slice indices to stay within; default: the whole volume.
         config, prompts: agent settings.
         window: display window for CT (see :func:`ibisagent.imaging.to_display_rgb`).
+        initial_masks: target name → (Y, X) bool mask on the key slice to start from (e.g. from the user's clicks).
     """
     if not image.is_volume:
         raise ValueError(f"{image.source} is a 2D image; use run_agent for 2D")
@@ -96,7 +98,7 @@ def segment_volume(
         return AgentJob(session=tool.encode(rgb), image=rgb, instruction=instruction, targets=targets,
                         initial_masks=initial)
 
-    first = run_agents(policy, [job(key, None)], config, prompts)[0]
+    first = run_agents(policy, [job(key, dict(initial_masks or {}))], config, prompts)[0]
     _store(result, key, first)
     if _ended(first, targets):
         result.stops = {"up": "absent at key slice", "down": "absent at key slice"}

@@ -47,7 +47,7 @@ class IbisAgentInfer(InferTask):
             labels=None,
             dimension=dimension,
             description="IBISAgent: type an instruction, the agent clicks and reasons until the mask is done",
-            config={"instruction": "", "target": "", "slice": "", "max_steps": ""},
+            config={"instruction": "", "target": "", "slice": "", "max_steps": "", "propagate": True},
         )
         self.runtime = runtime
         self.outputs = outputs
@@ -57,6 +57,7 @@ class IbisAgentInfer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         from ibisagent.agent import AgentConfig, run_agent
+        from ibisagent.volume import segment_volume
 
         start = time.perf_counter()
         instruction = request.get("instruction")
@@ -78,14 +79,22 @@ class IbisAgentInfer(InferTask):
             if where.clicks:
                 initial = {target: session.predict(list(where.clicks)).mask}
             policy = self.runtime.policy()
-            trajectory = run_agent(policy, session, rgb, instruction, [target],
-                                   config=AgentConfig(max_steps=max_steps, history=opts.history),  # type: ignore
-                                   initial_masks=initial)
+            config = AgentConfig(max_steps=max_steps, history=opts.history)  # type: ignore[arg-type]
+            if image.is_volume and _flag(request.get("propagate", True)):
+                volume = segment_volume(policy, self.runtime.tool(), image, instruction, [target],
+                                        key_slice=where.slice, config=config, initial_masks=initial)
+                per_slice = dict(sorted(volume.slices.items()))
+                mask = volume.masks[target]
+            else:
+                trajectory = run_agent(policy, session, rgb, instruction, [target], config=config,
+                                       initial_masks=initial)
+                per_slice = {where.slice: trajectory}
+                mask = trajectory.masks[target]
         except Exception as exc:  # a broken model or tool answers with a JSON error, not a traceback
             logger.exception("ibisagent infer failed")
             raise bad_request(f"agent failed: {type(exc).__name__}: {exc}", 500) from exc
 
-        mask = trajectory.masks[target]
+        trajectory = per_slice[where.slice]
         label_file = write_result(mask, image, where.slice, request, [target])
         steps = [_step_json(step, image, where.slice) for step in trajectory.steps]
         result: dict[str, Any] = {
@@ -94,6 +103,9 @@ class IbisAgentInfer(InferTask):
             "target": target,
             "slice": slice_or_none(image, where.slice),
             "steps": steps,
+            "slices": {str(k): {"answer": t.answer, "stop_reason": t.stop_reason,
+                                "steps": [_step_json(step, image, k) for step in t.steps]}
+                       for k, t in per_slice.items()} if image.is_volume else None,
             "answer": trajectory.answer,
             "stop_reason": trajectory.stop_reason,
             "error": trajectory.error,
@@ -112,12 +124,21 @@ class IbisAgentInfer(InferTask):
             result["warning"] = "policy 'tiny' is untrained: the mask shows the wiring, not a diagnosis"
         image_id = request.get("ibisagent_image_id")
         if self.outputs is not None and image_id:
-            self.outputs.put(image_id, where.slice, {
-                "instruction": instruction, "targets": [target], "tool": opts.tool, "policy": opts.policy,
-                "modality": image.modality, "answer": trajectory.answer, "stop_reason": trajectory.stop_reason,
-            }, {target: mask})
+            for k, t in per_slice.items():
+                if t.masks[target].any() or k == where.slice:
+                    self.outputs.put(image_id, k, {
+                        "instruction": instruction, "targets": [target], "tool": opts.tool, "policy": opts.policy,
+                        "modality": image.modality, "answer": t.answer, "stop_reason": t.stop_reason,
+                    }, {target: t.masks[target]})
             result["stored_for_corrections"] = True
         return label_file, result
+
+
+def _flag(value: Any) -> bool:
+    """A boolean request option as Slicer sends it (bool, or a string such as "false")."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(value)
 
 
 def _max_steps(value: Any, limit: int) -> int:

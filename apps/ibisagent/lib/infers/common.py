@@ -246,8 +246,9 @@ def slice_or_none(image: Image, k: int) -> int | None:
 # result files
 
 
-def write_result(mask2d: np.ndarray, image: Image, k: int, request: dict[str, Any], label_names: list[str]) -> str:
-    """Write the (H, W) mask of slice ``k`` in the image's geometry, in the requested ``result_extension``
+def write_result(mask: np.ndarray, image: Image, k: int, request: dict[str, Any], label_names: list[str]) -> str:
+    """Write a (Z, Y, X) volume mask, or the (H, W) mask of slice ``k``, in the image's geometry, in the requested
+    ``result_extension``
     (``.nii.gz`` default, ``.nii``, ``.nrrd``, ``.png`` for 2D, ``.dcm`` DICOM-SEG for DICOM sources). Returns the
     path of a new temporary file (MONAI Label deletes it after sending)."""
     from ibisagent.imaging import save_dicom_seg, save_mask_like
@@ -259,12 +260,12 @@ def write_result(mask2d: np.ndarray, image: Image, k: int, request: dict[str, An
         raise bad_request(f"result_extension {ext!r} is not supported (.nii.gz, .nii, .nrrd, .png, .dcm)")
     fd, name = tempfile.mkstemp(prefix="ibisagent-", suffix=ext)
     os.close(fd)
-    slice_arg = slice_or_none(image, k)
+    slice_arg = slice_or_none(image, k) if mask.ndim == 2 else None
     try:
         if ext == ".dcm":
-            save_dicom_seg(mask2d, image.source, name, label_names, slice=slice_arg)
+            save_dicom_seg(mask, image.source, name, label_names, slice=slice_arg)
         else:
-            save_mask_like(mask2d, image, name, slice=slice_arg)
+            save_mask_like(mask, image, name, slice=slice_arg)
     except ImageError as exc:
         os.unlink(name)
         raise bad_request(f"cannot write a {ext} result for this image: {exc}") from exc
