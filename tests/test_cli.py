@@ -99,6 +99,22 @@ def test_simulate_then_render(small_manifest: Path, tmp_path: Path) -> None:
     assert main(["render", str(traj), "--case", "unknown", "--out", str(png)]) == 2
 
 
+def test_eval_runs_the_agent_with_an_mllm_policy(small_manifest: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any policy spec goes through the agent loop; the untrained tiny model scores low but every case is recorded."""
+    monkeypatch.setenv("IBISAGENT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "eval"
+    code = main(["eval", str(small_manifest), "--policy", "tiny", "--out", str(out), "--max-steps", "1",
+                 "--max-new-tokens", "12", "--no-progress", "--trajectories"])
+    assert code == 1  # the three broken cases
+    cases = {c["id"]: c for c in json.loads((out / "results.json").read_text())["cases"]}
+    assert {"disc", "absent", "two"} <= set(cases)
+    for key in ("disc", "absent", "two"):
+        assert "error" not in cases[key] and 0.0 <= cases[key]["iou"] <= 1.0
+    records = list(read_trajectories(out / "trajectories.jsonl"))
+    assert records and all(r.source == "policy" and r.steps and r.steps[0].raw for r in records)
+
+
 def test_bad_usage_exits_2(tmp_path: Path) -> None:
     assert main(["eval", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert main(["eval", str(SAMPLE_MANIFEST), "--policy", "hf:/nowhere", "--out", str(tmp_path / "o")]) == 2

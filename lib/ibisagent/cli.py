@@ -39,6 +39,8 @@ def _add_agent_options(parser: argparse.ArgumentParser) -> None:
                         "setting), full = the whole interleaved history")
     parser.add_argument("--prompts", type=Path, help="a TOML prompt file overriding the built-in wording")
     parser.add_argument("--time-limit", type=float, default=None, help="wall-clock seconds per case (default: none)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model turn (default: 512)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,8 +156,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _agent_config(args: argparse.Namespace):  # noqa: ANN202 - AgentConfig, imported lazily
     from ibisagent.agent import AgentConfig
+    from ibisagent.policies import GenerationOptions
 
-    return AgentConfig(max_steps=args.max_steps, history=args.history, time_limit=args.time_limit)
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return AgentConfig(max_steps=args.max_steps, history=args.history, time_limit=args.time_limit, options=options)
 
 
 def _prompts(args: argparse.Namespace):  # noqa: ANN202 - Prompts | None
