@@ -348,3 +348,22 @@ def test_mask_of_single_dicom_round_trip(tmp_path: Path, suffix: str) -> None:
     mask = img.array > 200
     out = save_mask_like(mask, img, tmp_path / f"bone{suffix}")
     assert np.array_equal(load_mask(out, img), mask)
+
+
+def test_voxel_index_maps_to_the_same_voxel_in_the_canonical_array(tmp_path: Path) -> None:
+    """Clients send stored (i, j, k) indices; the canonical (z, y, x) index must address the same voxel."""
+    import nibabel as nib
+
+    from ibisagent.imaging import load_image
+
+    data = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)  # stored (i, j, k), every voxel unique
+    affine = np.array([[0, 0, 2.0, 1], [-1.5, 0, 0, 2], [0, 1.0, 0, 3], [0, 0, 0, 1]])  # oblique axis order + flip
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "v.nii.gz")
+    image = load_image(tmp_path / "v.nii.gz")
+    geometry = image.geometry
+    for ijk in [(0, 0, 0), (4, 5, 6), (2, 3, 1), (1, 0, 6)]:
+        zyx = geometry.voxel_to_canonical(ijk)
+        assert image.array[zyx] == data[ijk]
+        assert geometry.canonical_to_voxel(zyx) == ijk
+    with pytest.raises(ValueError, match="outside"):
+        geometry.voxel_to_canonical((5, 0, 0))

@@ -66,6 +66,26 @@ class Geometry:
         """Stored ``(I, J, K)`` array -> canonical ``(Z, Y, X)`` array."""
         return np.ascontiguousarray(ornt.apply_orientation(stored, self.transform).transpose(2, 1, 0))
 
+    def voxel_to_canonical(self, ijk: tuple[int, int, int]) -> tuple[int, int, int]:
+        """A stored voxel index ``(i, j, k)`` (what MONAI Label clients send) → the canonical ``(z, y, x)`` index of
+        the same voxel in ``to_canonical(stored)``. Raises ``ValueError`` outside the stored grid."""
+        if len(ijk) != 3 or not all(0 <= int(v) < n for v, n in zip(ijk, self.source_shape)):
+            raise ValueError(f"voxel {list(ijk)} is outside the voxel grid {list(self.source_shape)}")
+        xyz = [0, 0, 0]
+        for axis, (dst, flip) in enumerate(self.transform):
+            v = int(ijk[axis])
+            xyz[int(dst)] = v if flip > 0 else self.source_shape[axis] - 1 - v
+        return xyz[2], xyz[1], xyz[0]
+
+    def canonical_to_voxel(self, zyx: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Inverse of :meth:`voxel_to_canonical`."""
+        xyz = (int(zyx[2]), int(zyx[1]), int(zyx[0]))
+        ijk = [0, 0, 0]
+        for axis, (dst, flip) in enumerate(self.transform):
+            v = xyz[int(dst)]
+            ijk[axis] = v if flip > 0 else self.source_shape[axis] - 1 - v
+        return ijk[0], ijk[1], ijk[2]
+
     def to_source(self, canonical: np.ndarray) -> np.ndarray:
         """Canonical ``(Z, Y, X)`` array -> stored ``(I, J, K)`` array (the exact inverse of :meth:`to_canonical`)."""
         back = _inverse(self.transform)

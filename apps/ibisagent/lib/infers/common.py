@@ -156,8 +156,7 @@ def load_request_image(path: str) -> Image:
 
 
 def voxel_to_canonical(image: Image, voxel: Any) -> tuple[int, int, int]:
-    """A client's voxel index ``[i, j, k]`` (``[i, j]`` for 2D) in the file's storage order → canonical
-    ``(z, y, x)`` of ``image.array`` (``z == 0`` for 2D images). Raises 400 outside the image."""
+    """A client's voxel index ``[i, j, k]`` (``[i, j]`` for 2D) → canonical ``(z, y, x)``; 400 outside the image."""
     try:
         idx = [int(round(float(v))) for v in voxel]
     except (TypeError, ValueError) as exc:
@@ -166,26 +165,15 @@ def voxel_to_canonical(image: Image, voxel: Any) -> tuple[int, int, int]:
         idx.append(0)
     if len(idx) != 3:
         raise bad_request(f"click {voxel!r} must have 2 or 3 indices [i, j, k]")
-    shape = image.geometry.source_shape
-    if not all(0 <= v < n for v, n in zip(idx, shape, strict=True)):
-        raise bad_request(f"click {voxel!r} is outside the image (voxel grid {list(shape)})")
-    canonical = [0, 0, 0]  # (x, y, z)
-    for axis, (dst, flip) in enumerate(image.geometry.transform):
-        v = idx[axis] if flip > 0 else shape[axis] - 1 - idx[axis]
-        canonical[int(dst)] = v
-    x, y, z = canonical
-    return z, y, x
+    try:
+        return image.geometry.voxel_to_canonical((idx[0], idx[1], idx[2]))
+    except ValueError as exc:
+        raise bad_request(f"click {voxel!r} is outside the image: {exc}") from exc
 
 
 def canonical_to_voxel(image: Image, z: int, y: int, x: int) -> list[int]:
-    """Inverse of :func:`voxel_to_canonical` (for reporting clicks back in the client's voxel indices)."""
-    canonical = (x, y, z)
-    shape = image.geometry.source_shape
-    idx = [0, 0, 0]
-    for axis, (dst, flip) in enumerate(image.geometry.transform):
-        v = canonical[int(dst)]
-        idx[axis] = v if flip > 0 else shape[axis] - 1 - v
-    return idx
+    """Canonical ``(z, y, x)`` → the client's voxel ``[i, j, k]`` (for reporting clicks back)."""
+    return list(image.geometry.canonical_to_voxel((z, y, x)))
 
 
 @dataclass(frozen=True)
