@@ -15,7 +15,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,6 +167,32 @@ def simulate_case(
     return records, result
 
 
+def run_manifest(
+    manifest: str | os.PathLike[str],
+    run_case: Callable[[LoadedCase], tuple[list[TrajectoryRecord], CaseResult]],
+    desc: str,
+    progress: bool = True,
+) -> tuple[list[TrajectoryRecord], list[CaseResult]]:
+    """Load and run every case of a manifest. A failing case (bad line, unreadable file, tool or policy error) is
+    recorded with its error and the run carries on."""
+    records: list[TrajectoryRecord] = []
+    results: list[CaseResult] = []
+    for entry in tqdm(read_manifest(manifest), desc=desc, unit="case", disable=not progress):
+        if isinstance(entry, CaseError):
+            log.warning("case failed: %s", entry)
+            results.append(CaseResult(id=str(entry.case_id), error=str(entry)))
+            continue
+        try:
+            case_records, result = run_case(load_case(entry))
+        except Exception as exc:  # noqa: BLE001 - a batch records any case failure and carries on
+            log.warning("case %s failed: %s", entry.id, exc, exc_info=not isinstance(exc, (ValueError, OSError)))
+            results.append(CaseResult(id=entry.id, modality=entry.modality, error=f"{type(exc).__name__}: {exc}"))
+            continue
+        records.extend(case_records)
+        results.append(result)
+    return records, results
+
+
 def run_oracle(
     manifest: str | os.PathLike[str],
     tool: SegmentationTool,
@@ -176,25 +202,13 @@ def run_oracle(
     rule: ErrorRule = "peak",
     progress: bool = True,
 ) -> tuple[list[TrajectoryRecord], list[CaseResult]]:
-    """Simulate every case of a manifest. A failing case is recorded with its error and the run carries on."""
-    entries = read_manifest(manifest)
-    records: list[TrajectoryRecord] = []
-    results: list[CaseResult] = []
-    for entry in tqdm(entries, desc=f"oracle+{tool.name}", unit="case", disable=not progress):
-        if isinstance(entry, CaseError):
-            log.warning("case failed: %s", entry)
-            results.append(CaseResult(id=str(entry.case_id), error=str(entry)))
-            continue
-        try:
-            case_records, result = simulate_case(load_case(entry), tool, iou_stop=iou_stop, max_steps=max_steps,
-                                                 rule=rule)
-        except Exception as exc:  # noqa: BLE001 - a batch records any case failure and carries on
-            log.warning("case %s failed: %s", entry.id, exc, exc_info=not isinstance(exc, (ValueError, OSError)))
-            results.append(CaseResult(id=entry.id, modality=entry.modality, error=f"{type(exc).__name__}: {exc}"))
-            continue
-        records.extend(case_records)
-        results.append(result)
-    return records, results
+    """Simulate every case of a manifest with the oracle (the click simulator)."""
+    return run_manifest(
+        manifest,
+        lambda loaded: simulate_case(loaded, tool, iou_stop=iou_stop, max_steps=max_steps, rule=rule),
+        f"oracle+{tool.name}",
+        progress,
+    )
 
 
 def _noc(result: CaseResult, threshold: float, budget: int) -> float:
@@ -321,19 +335,8 @@ def run_policy(
     prompts: Prompts | None = None,
     progress: bool = True,
 ) -> tuple[list[TrajectoryRecord], list[CaseResult]]:
-    """Run the agent with ``policy`` on every case of a manifest; failing cases are recorded and the run goes on."""
-    records: list[TrajectoryRecord] = []
-    results: list[CaseResult] = []
-    for entry in tqdm(read_manifest(manifest), desc=f"{policy.name}+{tool.name}", unit="case", disable=not progress):
-        if isinstance(entry, CaseError):
-            results.append(CaseResult(id=str(entry.case_id), error=str(entry)))
-            continue
-        try:
-            case_records, result = policy_case(load_case(entry), policy, tool, config, prompts)
-        except Exception as exc:  # noqa: BLE001 - a batch records any case failure and carries on
-            log.warning("case %s failed: %s", entry.id, exc, exc_info=not isinstance(exc, (ValueError, OSError)))
-            results.append(CaseResult(id=entry.id, modality=entry.modality, error=f"{type(exc).__name__}: {exc}"))
-            continue
-        records.extend(case_records)
-        results.append(result)
-    return records, results
+    """Run the agent with ``policy`` on every case of a manifest."""
+    return run_manifest(
+        manifest, lambda loaded: policy_case(loaded, policy, tool, config, prompts), f"{policy.name}+{tool.name}",
+        progress,
+    )
