@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 
 from ibisagent.cli import main
 from ibisagent.data.trajectory import read_trajectories
-from ibisagent.imaging import load_image
+from ibisagent.imaging import load_image, load_mask
 from ibisagent.metrics import iou
 from ibisagent.policies.base import GenerationOptions, Generation, Policy, PolicyRequest
 from ibisagent.policies.oracle import OraclePolicy
@@ -40,6 +40,13 @@ def _ellipsoid_volume(path: Path) -> np.ndarray:
     affine[:3, 3] = [-10.0, 5.0, 30.0]
     nib.save(nib.Nifti1Image(np.transpose(data, (2, 1, 0)), affine), path)
     return inside
+
+
+def _truth_in_grid(src: Path, truth: np.ndarray, tmp_path: Path, image) -> np.ndarray:  # noqa: ANN001
+    """The (Z, Y, X) truth written in the source file's geometry and read back into the loader's canonical grid."""
+    mask_path = tmp_path / "truth.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(truth, (2, 1, 0)).astype(np.uint8), nib.load(src).affine), mask_path)
+    return load_mask(mask_path, image)
 
 
 def test_segment_2d_png_with_defaults(tmp_path: Path) -> None:
@@ -101,14 +108,7 @@ def test_volume_propagates_both_ways_and_stops_where_the_target_ends(tmp_path: P
     src = tmp_path / "vol.nii.gz"
     truth = _ellipsoid_volume(src)
     image = load_image(src)
-    assert image.array.shape == truth.shape or image.array.shape[0] == truth.shape[0]
-    # the canonical (LPS) grid may flip axes: take the truth through the same loader
-    mask_path = tmp_path / "truth.nii.gz"
-    ref = nib.load(src)
-    nib.save(nib.Nifti1Image(np.transpose(truth, (2, 1, 0)).astype(np.uint8), ref.affine), mask_path)
-    from ibisagent.imaging import load_mask
-
-    truth = load_mask(mask_path, image)
+    truth = _truth_in_grid(src, truth, tmp_path, image)
     rgbs = [slice_rgb(image, k) for k in range(truth.shape[0])]
     policy = SliceOracle(rgbs, truth, "ellipsoid")
     key = int(np.argmax(truth.sum(axis=(1, 2))))
@@ -124,3 +124,28 @@ def test_volume_propagates_both_ways_and_stops_where_the_target_ends(tmp_path: P
     assert set(result.stops) == {"up", "down"} and all("ended" in s or "edge" in s for s in result.stops.values())
     assert max(policy.batches) == 2  # both directions in one batched call per round
     assert all(result.slices[k].steps[0].response is not None for k in segmented)  # reasoning per slice
+
+
+def test_sam2_video_propagation_fills_the_range_with_a_sam2_tool(tmp_path: Path) -> None:
+    """The alternative path: the agent on the key slice, SAM 2 video memory for the rest (random weights: shapes)."""
+    from ibisagent.tools.sam2 import Sam2Tool
+
+    src = tmp_path / "vol.nii.gz"
+    truth = _ellipsoid_volume(src)
+    image = load_image(src)
+    key = 12
+    policy = OraclePolicy({"e": None})  # answers "not present" at once: exercise the early stop first
+    tool = Sam2Tool.medsam2(None)
+    early = segment_volume(policy, tool, image, "Segment it.", ["e"], key_slice=key, propagation="sam2-video")
+    assert not early.masks["e"].any() and "absent" in early.stops["up"]
+    rgbs = [slice_rgb(image, k) for k in range(image.array.shape[0])]
+    result = segment_volume(SliceOracle(rgbs, _truth_in_grid(src, truth, tmp_path, image), "e"), tool, image,
+                            "Segment it.", ["e"],
+                            key_slice=key, slice_range=(8, 15), propagation="sam2-video")
+    mask = result.masks["e"]
+    assert mask.shape == image.array.shape and mask.dtype == bool
+    assert mask[key].any() and not mask[:8].any() and not mask[16:].any()
+    assert set(result.slices) == {key} and result.stops["up"].startswith("sam2-video")
+    with pytest.raises(ValueError, match="SAM 2"):
+        segment_volume(policy, load_tool("embedded"), image, "x", ["e"], propagation="sam2-video")
+

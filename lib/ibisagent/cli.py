@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice", type=int, help="volumes: key slice to start from (default: the middle slice)")
     p.add_argument("--range", type=int, nargs=2, metavar=("FIRST", "LAST"), help="volumes: slices to stay within")
     p.add_argument("--max-steps", type=int, default=10, help="agent steps per slice (default: 10)")
+    p.add_argument("--propagation", choices=("agent", "sam2-video"), default="agent",
+                   help="volumes: the agent on every slice (default), or SAM 2 video propagation from the key slice")
     p.add_argument("--out", type=Path, required=True, help="mask to write (.png for 2D; .nii.gz/.nrrd any)")
     p.add_argument("--trace", type=Path, required=True, help="trajectory JSONL (reasoning, clicks, masks per step)")
     p.add_argument("--viz", type=Path, help="PNG: the trajectory strip (2D) or the key slice's (volumes)")
@@ -204,7 +206,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if image.is_volume:
         result = segment_volume(policy, tool, image, args.prompt, targets, key_slice=args.slice,
                                 slice_range=tuple(args.range) if args.range else None, config=config,
-                                prompts=_prompts(args))
+                                prompts=_prompts(args), propagation=args.propagation)
         records = [r for k in sorted(result.slices)
                    for r in result.slices[k].to_records(args.image.name, str(args.image), tool.name,
                                                         modality=image.modality, slice=k)]

@@ -5,6 +5,9 @@ neighbouring slice then starts in refinement mode from the mask of the slice bef
 slice (it may correct, undo, or answer that the target has ended). Propagation runs in both directions at once —
 the two fronts go through :func:`ibisagent.agent.run_agents` together, one batched policy call per round — and a
 direction stops where the agent answers that the target is absent or where every mask vanishes.
+
+With a SAM 2 / MedSAM2 tool, ``propagation="sam2-video"`` is the alternative: the agent segments the key slice and
+SAM 2's video memory carries the mask through the slices (:mod:`ibisagent.tools.sam2_video`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def segment_volume(
     prompts: Prompts | None = None,
     window: tuple[float, float] | str | None = None,
     initial_masks: Mapping[str, np.ndarray] | None = None,
+    propagation: str = "agent",
 ) -> VolumeResult:
     """Segment ``targets`` through a volume (see the module docstring).
 
@@ -78,7 +82,16 @@ def segment_volume(
         config, prompts: agent settings.
         window: display window for CT (see :func:`ibisagent.imaging.to_display_rgb`).
         initial_masks: target name → (Y, X) bool mask on the key slice to start from (e.g. from the user's clicks).
+        propagation: ``"agent"`` (the agent refines every slice from its neighbour's mask) or ``"sam2-video"`` (the
+            agent segments the key slice, SAM 2's video memory propagates it; needs a SAM 2 / MedSAM2 tool).
     """
+    if propagation not in ("agent", "sam2-video"):
+        raise ValueError(f"propagation must be 'agent' or 'sam2-video', got {propagation!r}")
+    if propagation == "sam2-video":
+        from ibisagent.tools.sam2 import Sam2Tool
+
+        if not isinstance(tool, Sam2Tool):
+            raise ValueError(f"sam2-video propagation needs a SAM 2 / MedSAM2 tool, got {type(tool).__name__}")
     if not image.is_volume:
         raise ValueError(f"{image.source} is a 2D image; use run_agent for 2D")
     depth = num_slices(image)
@@ -102,6 +115,16 @@ def segment_volume(
     _store(result, key, first)
     if _ended(first, targets):
         result.stops = {"up": "absent at key slice", "down": "absent at key slice"}
+        return result
+    if propagation == "sam2-video":
+        from ibisagent.tools.sam2_video import propagate_masks
+
+        frames = [slice_rgb(image, k, window) for k in range(lo, hi + 1)]
+        for name, propagated in propagate_masks(tool, frames, key - lo, first.masks).items():  # type: ignore[arg-type]
+            result.masks[name][lo : hi + 1] = propagated
+        _store(result, key, first)  # the agent's exact key-slice mask
+        result.stops = {"up": "sam2-video: " + ("volume edge" if hi == depth - 1 else "range edge"),
+                        "down": "sam2-video: " + ("volume edge" if lo == 0 else "range edge")}
         return result
     fronts = {"up": (key + 1, first.masks), "down": (key - 1, first.masks)}
     while fronts:

@@ -1,0 +1,246 @@
+"""The PACS path for real: Orthanc with its DICOMweb plugin, MONAI Label's DICOMweb datastore, the app, the client.
+
+A private Orthanc (temporary storage, free loopback port, no DICOM listener, no remote access, no authentication) is
+started from the Debian packages ``orthanc`` and ``orthanc-dicomweb`` (``scripts/install_system_deps.sh``); the sample
+CT series is stored in it through Orthanc's REST API; the app is started with ``--studies <orthanc>/dicom-web``, so
+MONAI Label lists the series by SeriesInstanceUID, downloads it over WADO-RS and converts it to ``.nii.gz`` before the
+app sees it. Skipped only when the ``Orthanc`` binary is not installed.
+
+The app runs from a copy of ``apps/ibisagent`` in a temporary folder: with a DICOMweb source the app keeps its agent
+outputs under ``<app>/model`` and MONAI Label looks for dcmqi in ``<app>/bin`` (downloading it from GitHub when absent,
+which fails offline). The copy gets a stub ``itkimage2segimage`` there; the app writes DICOM-SEG with highdicom, and
+nothing here saves a label to the PACS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from monailabel.client import MONAILabelClient
+
+from ibisagent.metrics import iou
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_data" / "synthetic"
+SERIES_DIR = SAMPLES / "ct_series"
+SPLEEN = SAMPLES / "ct_series_spleen.nii.gz"
+ORTHANC_READY_S = 30
+SERVER_READY_S = 90
+
+ORTHANC = shutil.which("Orthanc")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (run scripts/install_system_deps.sh: "
+                                               "Debian packages orthanc and orthanc-dicomweb)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _dicomweb_plugin() -> str:
+    """The DICOMweb plugin's shared library, as the package installed it."""
+    candidates: list[str] = []
+    try:
+        listing = subprocess.run(["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True, timeout=30)
+        candidates = [line for line in listing.stdout.splitlines() if "DicomWeb" in line and ".so" in line]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    candidates += ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"]
+    for path in sorted(candidates, key=len):  # the unversioned name first
+        if os.path.isfile(path):
+            return path
+    pytest.fail("Orthanc is installed but its DICOMweb plugin is not: apt-get install orthanc-dicomweb "
+                "(scripts/install_system_deps.sh)")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(no log)"
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not ready after {timeout_s}s:\n{_tail(log)}")
+        time.sleep(0.25)
+
+
+class Pacs:
+    def __init__(self, url: str, series_uid: str) -> None:
+        self.url, self.series_uid = url, series_uid
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacs]:
+    base = tmp_path_factory.mktemp("orthanc")
+    storage = base / "db"
+    storage.mkdir()
+    port = _free_port()
+    config = {
+        "Name": "ibisagent-test",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "HttpPort": port,
+        "DicomServerEnabled": False,  # no DICOM listener: only the REST/DICOMweb port is opened
+        "DicomPort": _free_port(),
+        "RemoteAccessAllowed": False,  # Orthanc 1.10 cannot bind one address; this refuses non-loopback clients
+        "AuthenticationEnabled": False,
+        "Plugins": [_dicomweb_plugin()],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "SaveJobs": False,
+        "HttpThreadsCount": 8,
+    }
+    (base / "orthanc.json").write_text(json.dumps(config, indent=1))
+    log = base / "orthanc.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([ORTHANC, "--no-jobs", str(base / "orthanc.json")], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=base, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(f"{url}/system", proc, log, ORTHANC_READY_S, "Orthanc")
+        plugins = requests.get(f"{url}/plugins", timeout=10).json()
+        assert "dicom-web" in plugins, f"DICOMweb plugin not loaded: {plugins}\n{_tail(log)}"
+        files = sorted(SERIES_DIR.glob("*.dcm"))
+        assert files, f"no DICOM files in {SERIES_DIR}"
+        series = set()
+        for f in files:
+            r = requests.post(f"{url}/instances", data=f.read_bytes(),
+                              headers={"Content-Type": "application/dicom"}, timeout=30)
+            assert r.status_code == 200, f"storing {f.name}: {r.status_code} {r.text}"
+            series.add(r.json()["ParentSeries"])
+        assert len(series) == 1, series
+        info = requests.get(f"{url}/series/{series.pop()}", timeout=10).json()
+        assert len(info["Instances"]) == len(files)
+        yield Pacs(url, info["MainDicomTags"]["SeriesInstanceUID"])
+    finally:
+        _stop(proc)
+
+
+class Server:
+    def __init__(self, url: str, app_dir: Path, proc: subprocess.Popen, log: Path) -> None:
+        self.url, self.app_dir, self.proc, self.log = url, app_dir, proc, log
+
+    def client(self, tmp: Path) -> MONAILabelClient:
+        return MONAILabelClient(self.url, tmpdir=str(tmp), client_id="pytest")
+
+
+@pytest.fixture(scope="module")
+def server(pacs: Pacs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("app_dicomweb")
+    app_dir = base / "ibisagent"
+    shutil.copytree(ROOT / "apps" / "ibisagent", app_dir,
+                    ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    (app_dir / "bin").mkdir()
+    stub = app_dir / "bin" / "itkimage2segimage"
+    stub.write_text("#!/bin/sh\necho 'dcmqi is not available in the tests' >&2\nexit 1\n")
+    stub.chmod(0o755)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "lib"), "MONAILABEL_PYEXE": sys.executable,
+           "MONAI_LABEL_INFER_CONCURRENCY": "2", "OMP_NUM_THREADS": "1",  # robust on small shared CI machines
+           "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(base / "dicom_cache"),
+           "MONAI_LABEL_DICOMWEB_READ_TIMEOUT": "30"}
+    for key in [k for k in env if k.startswith(("MONAI_LABEL_DICOMWEB_USERNAME", "MONAI_LABEL_DICOMWEB_PASSWORD"))]:
+        del env[key]  # Orthanc runs without authentication
+    log = base / "server.log"
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir),
+           "--studies", pacs.dicomweb, "--host", "127.0.0.1", "--port", str(port),
+           "--conf", "policy", "tiny", "--conf", "tool", "embedded", "--conf", "max_steps", "2"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=base,
+                                start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", app_dir, proc, log)
+    try:
+        _wait_ready(f"{srv.url}/info/", proc, log, SERVER_READY_S, "MONAI Label server")
+        yield srv
+    finally:
+        _stop(proc)
+
+
+def _series_shape() -> tuple[int, ...]:
+    """The series' voxel grid (i, j, k) as a NIfTI written from it stores it."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(SERIES_DIR)))
+    return tuple(int(s) for s in reader.Execute().GetSize())
+
+
+def _mask(path: str) -> np.ndarray:
+    return np.asarray(nib.load(path).get_fdata()) > 0
+
+
+def test_orthanc_serves_the_series_over_dicomweb(pacs: Pacs) -> None:
+    r = requests.get(f"{pacs.dicomweb}/series", params={"Modality": "CT"}, timeout=10)
+    assert r.status_code == 200, r.text
+    uids = [s["0020000E"]["Value"][0] for s in r.json()]
+    assert uids == [pacs.series_uid]
+
+
+def test_the_app_lists_the_series_by_its_uid(server: Server, pacs: Pacs, tmp_path: Path) -> None:
+    sample = server.client(tmp_path).next_sample("random", {})
+    assert sample["id"] == pacs.series_uid, sample
+
+
+def test_clicks_infer_on_the_pacs_series(server: Server, pacs: Pacs, tmp_path: Path) -> None:
+    spleen = _mask(str(SPLEEN))  # (i, j, k) in the series geometry
+    assert spleen.shape == _series_shape()
+    k = int(np.argmax(spleen.sum(axis=(0, 1))))
+    ii, jj = np.nonzero(spleen[:, :, k])
+    click = [int(np.median(ii)), int(np.median(jj)), k]
+    assert spleen[tuple(click)]
+    label, result = server.client(tmp_path).infer("ibisagent_clicks", pacs.series_uid, {"foreground": [click]})
+    mask = _mask(label)
+    assert mask.shape == spleen.shape, (mask.shape, result)
+    assert mask[tuple(click)] and mask[:, :, k].sum() == mask.sum()
+    assert iou(mask[:, :, k], spleen[:, :, k]) > 0.5, result
+    # MONAI Label downloaded the series and converted it (cached as <uid>.nii.gz)
+    cached = list((server.app_dir.parent / "dicom_cache").rglob(f"{pacs.series_uid}.nii.gz"))
+    assert cached and tuple(nib.load(str(cached[0])).shape) == spleen.shape
+
+
+def test_agent_infer_with_an_instruction_on_the_pacs_series(server: Server, pacs: Pacs, tmp_path: Path) -> None:
+    label, result = server.client(tmp_path).infer(
+        "ibisagent", pacs.series_uid, {"instruction": "Segment the spleen.", "max_steps": 2})
+    assert tuple(nib.load(label).shape) == _series_shape()
+    assert result["label_names"] == {"spleen": 1}
+    assert result["stop_reason"] and result["steps"] and "answer" in result
+    assert result.get("stored_for_corrections") is True
+    outputs = server.app_dir / "model" / "ibisagent" / "agent_outputs"
+    assert (outputs / f"{pacs.series_uid}.json").exists(), sorted(p.name for p in outputs.parent.rglob("*"))
