@@ -452,6 +452,28 @@ def build(out: Path) -> list[dict]:
     return rows
 
 
+#: The MONAI Label studies folder of the README's server command: links to images only (never to masks).
+STUDIES = {
+    "ct_abdomen.png": "../synthetic/ct_abdomen.png",
+    "mr_brain.png": "../synthetic/mr_brain.png",
+    "fundus.png": "../synthetic/fundus.png",
+    "us_lesion.png": "../synthetic/us_lesion.png",
+    "ct_volume.nii.gz": "../synthetic/ct_volume.nii.gz",
+    "brain_t1.nii": "../real/anatomical.nii",
+}
+
+
+def write_studies(out: Path) -> None:
+    """``out/studies/``: relative symbolic links to the images, so the folder costs no space and stays in sync."""
+    studies = out / "studies"
+    studies.mkdir(parents=True, exist_ok=True)
+    for name, target in STUDIES.items():
+        link = studies / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
@@ -459,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = build(args.out)
     text = "".join(json.dumps(row, sort_keys=False) + "\n" for row in rows)
     atomic_write_text(args.out / "manifest.jsonl", text)
+    write_studies(args.out)
     print(f"wrote {len(rows)} cases to {args.out / 'manifest.jsonl'}")
     return 0
 

@@ -6,7 +6,6 @@ Exit codes: 0 success; 1 when any case of a batch failed (the others are still w
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence

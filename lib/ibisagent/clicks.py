@@ -131,16 +131,10 @@ def number_of_clicks(ious: Sequence[float], threshold: float) -> int | None:
         The 1-based click count, or ``None`` if the threshold was never reached (callers usually count this as the
         click budget).
     """
-    for i, iou in enumerate(ious, start=1):
-        if iou >= threshold:
+    for i, value in enumerate(ious, start=1):
+        if value >= threshold:
             return i
     return None
-
-
-def clicks_in_region(clicks: Iterable[Click], region: np.ndarray) -> list[bool]:
-    """For each click, whether it lies inside ``region`` ((H, W) bool); clicks outside the image count as outside."""
-    h, w = region.shape
-    return [bool(0 <= c.y < h and 0 <= c.x < w and region[c.y, c.x]) for c in clicks]
 
 
 def _as_bool_mask(mask: np.ndarray, name: str) -> np.ndarray:

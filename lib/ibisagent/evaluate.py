@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ibisagent.clicks import DEFAULT_IOU_STOP, DEFAULT_MAX_CLICKS, ErrorRule, SimulatedStep, simulate
+from ibisagent.clicks import (
+    DEFAULT_IOU_STOP,
+    DEFAULT_MAX_CLICKS,
+    ErrorRule,
+    SimulatedStep,
+    number_of_clicks,
+    simulate,
+)
 from ibisagent.data.manifest import CaseError, LoadedCase, load_case, read_manifest
 from ibisagent.data.trajectory import ClickRecord, StepRecord, TrajectoryRecord, rle_encode
 from ibisagent.fileio import atomic_write_text
@@ -217,7 +224,7 @@ def _noc(result: CaseResult, threshold: float, budget: int) -> float:
     for t in result.targets:
         if t.steps == 0 and t.iou >= threshold:
             continue
-        reached = next((i for i, v in enumerate(t.ious, start=1) if v >= threshold), None)
+        reached = number_of_clicks(t.ious, threshold)
         total += reached if reached is not None else budget
     return float(total)
 
