@@ -249,6 +249,36 @@ def synthetic_case(rng: np.random.Generator, kind: str, size: int) -> tuple[np.n
     return img, target
 
 
+def colour_vessel_case(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fundus-like colour image: orange-red disc with an illumination gradient, a vessel tree of 1–3 px curves
+    (main trunks 3 px, branches 1–2 px) that is dark mostly in the green channel, noise, blur.
+
+    Returns ``(image (size, size, 3) uint8, target (size, size) bool)``.
+    """
+    s = size / 256.0
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    disc = (yy - 0.5) ** 2 + (xx - 0.5) ** 2 <= 0.47**2
+    target = np.zeros((size, size), bool)
+    for _ in range(2):
+        target |= _random_curve(rng, size, width=3 * s, length_frac=0.9)
+    for _ in range(int(rng.integers(3, 6))):
+        target |= _random_curve(rng, size, width=float(rng.integers(1, 3)) * s, length_frac=0.45)
+    target &= disc
+    target = _largest(target) if rng.uniform() < 0.5 else target
+    illum = 0.75 + 0.25 * np.cos(3.0 * (xx - rng.uniform(0.3, 0.7))) * np.cos(2.0 * (yy - 0.5))
+    rgb = np.stack([0.85 * illum, 0.42 * illum, 0.20 * illum], axis=-1)
+    rgb = np.where(target[..., None], rgb * np.array([0.95, 0.72, 0.8]), rgb)
+    rgb = np.where(disc[..., None], rgb, 0.02)
+    rgb = ndimage.gaussian_filter(rgb, (0.7 * s, 0.7 * s, 0)) + rng.normal(0, 0.012, rgb.shape)
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8), target
+
+
+def colour_cases(size: int, n: int, seed: int = SEED) -> list[Case]:
+    """Colour vessel-tree cases (see :func:`colour_vessel_case`)."""
+    rng = np.random.default_rng(seed + 7 * size)
+    return [Case(f"colour{size}/vessels{i}", *colour_vessel_case(rng, size)) for i in range(n)]
+
+
 def synthetic_cases(size: int, per_kind: int, seed: int = SEED) -> list[Case]:
     """Synthetic MR-like phantoms of every kind, plus one absent target (reference empty)."""
     rng = np.random.default_rng(seed + size)
@@ -486,8 +516,8 @@ def candidates() -> dict[str, Callable[[], SegmentationTool]]:
 def build_cases(size: int, quick: bool) -> list[Case]:
     per_kind = 2 if quick else 4
     if size == 256:
-        return real_cases(256) + synthetic_cases(256, per_kind)
-    return synthetic_cases(size, max(per_kind // 2, 1))
+        return real_cases(256) + synthetic_cases(256, per_kind) + colour_cases(256, per_kind // 2 + 1)
+    return synthetic_cases(size, max(per_kind // 2, 1)) + colour_cases(size, 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy import ndimage
 
 from ibisagent.clicks import Click, error_regions, next_click, number_of_clicks, padded_distance
 
@@ -70,3 +74,11 @@ def test_number_of_clicks() -> None:
     assert number_of_clicks([0.5, 0.86, 0.91], 0.85) == 2
     assert number_of_clicks([0.5, 0.86, 0.91], 0.90) == 3
     assert number_of_clicks([0.5], 0.9) is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrays(bool, st.tuples(st.integers(1, 24), st.integers(1, 24))))
+def test_bounding_box_distance_equals_the_whole_image_transform(region: np.ndarray) -> None:
+    padded = np.pad(region, 1, mode="constant", constant_values=False)
+    whole = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+    np.testing.assert_allclose(padded_distance(region), whole)

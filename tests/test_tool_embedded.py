@@ -189,3 +189,96 @@ def test_bad_images_raise(bad):
 def test_flat_image_does_not_crash():
     pred = EmbeddedTool().encode(np.full((40, 50, 3), 128, np.uint8)).predict([Click(10, 20, True)])
     assert pred.mask.shape == (40, 50) and pred.mask[20, 10]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Colour input, thin structures, ROI cut, large images
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _green_only_blob() -> tuple[np.ndarray, np.ndarray]:
+    """Colour image whose target differs from the background in the green channel only (R and B identical)."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    blob = (yy - 60) ** 2 + (xx - 70) ** 2 <= 18**2
+    img = np.empty((SIZE, SIZE, 3), np.float64)
+    img[..., 0] = 180.0
+    img[..., 1] = np.where(blob, 70.0, 120.0)
+    img[..., 2] = 60.0
+    img = ndimage.gaussian_filter(img, (0.8, 0.8, 0)) + rng.normal(0, 3.0, img.shape)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8), blob
+
+
+def test_colour_target_separated_only_in_green():
+    img, blob = _green_only_blob()
+    # The channel mean barely separates it: target and background differ by 50 / 3 grey levels only in G.
+    pred = EmbeddedTool().encode(img).predict([Click(70, 60, True)])
+    assert _iou(pred.mask, blob) > 0.85
+
+
+def test_grey_image_uses_one_likelihood_channel_and_colour_more():
+    from ibisagent.tools.embedded import compute_features
+
+    grey = compute_features(_mr_phantom()[0])
+    colour = compute_features(_green_only_blob()[0])
+    assert grey.bins.shape[0] == 1 and not grey.has_ridge and grey.cut_image.shape[0] == 1
+    assert colour.bins.shape[0] >= 2 and colour.has_ridge and colour.cut_image.shape[0] == 3
+
+
+def test_roi_cut_matches_full_cut_away_from_border(monkeypatch):
+    from ibisagent.tools import embedded
+
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    blob = (yy - 64) ** 2 + (xx - 60) ** 2 <= 14**2
+    img = ndimage.gaussian_filter(np.where(blob, 0.75, 0.35), 0.8) + rng.normal(0, 0.03, (SIZE, SIZE))
+    clicks = [Click(60, 64, True), Click(60, 82, False)]
+    image = _to_rgb(img)
+    roi = embedded.EmbeddedTool().encode(image).predict(clicks)
+    assert roi.mask[blob].mean() > 0.85
+    monkeypatch.setattr(embedded, "ROI_MAX_FRACTION", -1.0)  # every ROI is "too large": cut the whole image
+    full = embedded.EmbeddedTool().encode(image).predict(clicks)
+    np.testing.assert_array_equal(roi.mask, full.mask)
+    np.testing.assert_allclose(roi.logits, full.logits)
+
+
+def test_thin_colour_curve_does_not_leak_after_negative_click():
+    """A 2-px dark-in-green curve on a colour background with an illumination gradient."""
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    curve = np.abs(yy - (64 + 20 * np.sin(xx / 18.0))) <= 1.0
+    curve &= (xx > 10) & (xx < SIZE - 10)
+    illum = 0.8 + 0.2 * np.cos(xx / 40.0)
+    rgb = np.stack([0.85 * illum, 0.45 * illum, 0.2 * illum], axis=-1)
+    rgb = np.where(curve[..., None], rgb * np.array([0.95, 0.7, 0.8]), rgb)
+    img = np.clip(np.round((ndimage.gaussian_filter(rgb, (0.6, 0.6, 0)) + rng.normal(0, 0.01, rgb.shape)) * 255), 0, 255)
+    session = EmbeddedTool().encode(img.astype(np.uint8))
+    score, _ = _oracle(session, curve)
+    assert score > 0.4  # the grey-only version reached 0.07 here and leaked over 4000 px
+    pred = session.predict([Click(64, int(64 + 20 * np.sin(64 / 18.0)), True), Click(100, 20, False)])
+    assert pred.mask.sum() < 4 * curve.sum()  # no leak into the background
+
+
+def test_large_image_is_segmented_at_full_resolution():
+    size = 700  # > WORK_MAX_SIZE: computed on a downsampled grid, answered at full resolution
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:size, 0:size]
+    blob = (yy - 300) ** 2 + (xx - 380) ** 2 <= 90**2
+    img = _to_rgb(ndimage.gaussian_filter(np.where(blob, 0.75, 0.35), 1.0) + rng.normal(0, 0.03, (size, size)))
+    session = EmbeddedTool().encode(img)
+    assert session.shape == (size, size)
+    pred = session.predict([Click(380, 300, True)])
+    assert pred.mask.shape == (size, size) and pred.logits.shape == (size, size)
+    np.testing.assert_array_equal(pred.mask, pred.logits > 0)
+    assert _iou(pred.mask, blob) > 0.9
+    prior = session.logits_from_mask(blob)
+    assert prior.shape == (size, size)
+    refined = session.predict([Click(380, 300, True)], prior)
+    assert _iou(refined.mask, blob) > 0.9
+
+
+def test_logits_from_mask_round_trip(session, phantom):
+    target = phantom[1]
+    prior = session.logits_from_mask(target)
+    pred = session.predict([], prior)
+    np.testing.assert_array_equal(pred.mask, target)
