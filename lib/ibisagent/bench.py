@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ibisagent.clicks import Click, next_click
+from ibisagent.clicks import Click, simulate
 
 DEFAULT_TOOL_SPECS: tuple[str, ...] = (
     "embedded",
@@ -71,16 +71,8 @@ def simulate_clicks(session: Any, target: np.ndarray, clicks: int) -> list[Click
     Returns:
         The clicks, in order (fewer when the mask became perfect; at least one for a non-empty target).
     """
-    placed: list[Click] = []
-    mask, prior = np.zeros(target.shape, dtype=bool), None
-    for _ in range(clicks):
-        click = next_click(target, mask, placed)
-        if click is None:
-            break
-        placed.append(click)
-        prediction = session.predict(placed, prior)
-        mask, prior = prediction.mask, prediction.logits
-    return placed
+    steps, _ = simulate(session, target, iou_stop=1.0, max_clicks=clicks)
+    return [step.click for step in steps]
 
 
 @contextmanager
@@ -150,22 +142,12 @@ def cases_per_second(
     Returns:
         ``{"cases_per_s": …, "mean_clicks": …, "mean_iou": …}``.
     """
-    from ibisagent.metrics import iou
 
     def run(seed: int) -> tuple[int, float]:
         image, target = synthetic_case(size, seed=seed)
         session = tool.encode(image)
-        placed: list[Click] = []
-        mask, prior, score = np.zeros(target.shape, dtype=bool), None, 0.0
-        while len(placed) < max_clicks and score < iou_stop:
-            click = next_click(target, mask, placed)
-            if click is None:
-                break
-            placed.append(click)
-            prediction = session.predict(placed, prior)
-            mask, prior = prediction.mask, prediction.logits
-            score = iou(mask, target)
-        return len(placed), score
+        steps, _ = simulate(session, target, iou_stop=iou_stop, max_clicks=max_clicks)
+        return len(steps), steps[-1].iou if steps else 0.0
 
     run(10_000)  # warm-up
     start = time.perf_counter()
