@@ -149,3 +149,21 @@ def test_sam2_video_propagation_fills_the_range_with_a_sam2_tool(tmp_path: Path)
     with pytest.raises(ValueError, match="SAM 2"):
         segment_volume(policy, load_tool("embedded"), image, "x", ["e"], propagation="sam2-video")
 
+
+
+def test_a_policy_server_that_is_down_fails_clearly_within_the_timeout(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a free port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    src = tmp_path / "img.png"
+    PILImage.fromarray(np.zeros((40, 50), np.uint8)).save(src)
+    start = time.monotonic()
+    code = main(["segment", str(src), "--prompt", "Segment it.", "--policy", f"openai:http://127.0.0.1:{port}/v1#m",
+                 "--out", str(tmp_path / "m.png"), "--trace", str(tmp_path / "t.jsonl")])
+    assert code == 1 and time.monotonic() - start < 90
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err
+    assert np.asarray(PILImage.open(tmp_path / "m.png")).shape == (40, 50)  # the best mask so far (empty) is kept

@@ -211,6 +211,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                                         modality=image.modality, slice=k)]
         for name, path in outputs.items():
             save_mask_like(result.masks[name], image, path)
+        trajectories = list(result.slices.values())
         key = result.slices[result.key_slice]
         viz_rgb, viz_records = slice_rgb(image, result.key_slice), key.to_records(args.image.name, str(args.image),
                                                                                   tool.name, slice=result.key_slice)
@@ -222,6 +223,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         rgb = to_display_rgb(image.array, image.modality)
         trajectory = run_agent(policy, tool.encode(rgb), rgb, args.prompt, targets, config=config,
                                prompts=_prompts(args))
+        trajectories = [trajectory]
         records = trajectory.to_records(args.image.name, str(args.image), tool.name, modality=image.modality)
         for name, path in outputs.items():
             save_mask_like(trajectory.masks[name], image, path)
@@ -231,7 +233,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.viz is not None and viz_records:
         render_trajectory(viz_rgb, viz_records[0], args.viz)
     print(f"{summary}\nmask → {', '.join(str(p) for p in outputs.values())}; trace → {args.trace}")
-    return 0
+    failed = [t for t in trajectories if t.stop_reason == "policy_error"]
+    for t in failed:
+        print(f"ibisagent: the policy failed: {t.error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
