@@ -20,7 +20,9 @@ Method (histogram likelihood + geodesic veto of negative clicks + contrast-sensi
 
 Colour, thin structures, large images, speed:
 
-* Grey inputs (R = G = B) use the grey level alone, exactly as above. Colour inputs get one histogram likelihood per
+* Grey inputs (R = G = B) use the grey level, plus a signed ridge channel (:func:`fast_ridge`, Hessian eigenvalues)
+  switched on only when the positive seeds sit on ridges (thin curves, rings; see ``GREY_RIDGE_WEIGHT``); with
+  the gate off the result is exactly the grey-level-only one. Colour inputs get one histogram likelihood per
   principal component of RGB (decorrelated, summed naive-Bayes style and clipped) plus a signed ridge channel
   (``skimage.filters.sato``, bright minus dark ridges, summed over channels), weighted ``RIDGE_WEIGHT``, so that
   vessels that show up only in the green channel are found. The graph-cut contrast then uses all three channels.
@@ -99,6 +101,14 @@ COLOUR_MIN_SD_FRACTION = 0.05
 #: (work-grid pixels). 0 disables it.
 RIDGE_SIGMAS = (1.0, 2.0)
 RIDGE_WEIGHT = 3.0
+#: Grey images: the same signed ridge channel (:func:`fast_ridge`), weighted GREY_RIDGE_WEIGHT times a gate in
+#: [0, 1] that is the fraction of positive-seed pixels whose |ridge| is above the image's RIDGE_GATE_PERCENTILE,
+#: mapped linearly from RIDGE_GATE_LO (off) to RIDGE_GATE_HI (full). Blob interiors have no ridge response, so
+#: blobs keep the grey-only likelihood exactly; seeds on thin curves and rings switch it on. 0 disables it.
+GREY_RIDGE_WEIGHT = 1.0
+RIDGE_GATE_PERCENTILE = 95.0
+RIDGE_GATE_LO = 0.5
+RIDGE_GATE_HI = 0.8
 #: Graph cut on a region of interest: the bounding box of the possible-foreground components touching the
 #: positive seeds (unary > -ROI_UNARY) grown by ROI_MARGIN pixels; everything outside stays background. A pixel
 #: whose unary is below -4 * CUT_LAMBDA can never be foreground (its 4 pairwise terms cannot outweigh it).
@@ -127,6 +137,8 @@ class _Features:
     cost: np.ndarray  # float64 > 0, geodesic cost on a grid of at most GEO_GRID cells per side
     edge_distance: np.ndarray  # float32, work-grid pixels to the nearest strong edge
     has_ridge: bool = False  # the last likelihood channel is the ridge feature
+    ridge_weight: float = 0.0
+    ridge_strength: np.ndarray | None = None
     factor: int = 1  # work grid = full image downsampled by this integer factor
     full_shape: tuple[int, int] = (0, 0)  # (H, W) of the encoded image
 
@@ -197,6 +209,27 @@ def ridge_feature(channels: np.ndarray) -> np.ndarray:
     return total
 
 
+def fast_ridge(grey: np.ndarray) -> np.ndarray:
+    """Signed ridge response of one grey channel, (h, w) float32: bright ridges positive, dark ridges negative.
+
+    Scale-normalised Hessian eigenvalues (Gaussian derivatives at :data:`RIDGE_SIGMAS`): bright = max over sigmas of
+    sigma^2 * max(-lambda_min, 0), dark = max over sigmas of sigma^2 * max(lambda_max, 0). One Hessian per sigma
+    serves both polarities (half the cost of two ``skimage.filters.sato`` calls).
+    """
+    unit = grey.astype(np.float32) / max(float(grey.std()), 1e-6)
+    bright = np.zeros(grey.shape, np.float32)
+    dark = np.zeros(grey.shape, np.float32)
+    for s in RIDGE_SIGMAS:
+        hyy = ndimage.gaussian_filter(unit, s, order=(2, 0))
+        hxx = ndimage.gaussian_filter(unit, s, order=(0, 2))
+        hxy = ndimage.gaussian_filter(unit, s, order=(1, 1))
+        mean = 0.5 * (hyy + hxx)
+        rad = np.sqrt(0.25 * (hyy - hxx) ** 2 + hxy**2)
+        np.maximum(bright, s * s * np.maximum(-(mean - rad), 0.0), out=bright)
+        np.maximum(dark, s * s * np.maximum(mean + rad, 0.0), out=dark)
+    return bright - dark
+
+
 def compute_features(image: np.ndarray) -> _Features:
     """Per-image work of the embedded tool.
 
@@ -210,11 +243,18 @@ def compute_features(image: np.ndarray) -> _Features:
     is_grey = bool((image[:, :, 0] == image[:, :, 1]).all() and (image[:, :, 1] == image[:, :, 2]).all())
     if factor > 1:
         rgb = _block_mean(rgb, factor).astype(np.float32)
+    ridge_strength = None
     if is_grey:
         raw = rgb.mean(axis=2)
         grey = ndimage.gaussian_filter(raw, SMOOTH_SIGMA).astype(np.float32)
         bins, hist, kernel = _likelihood_channel(grey)
         all_bins, hists, kernels = bins[None], hist[None], (kernel,)
+        if GREY_RIDGE_WEIGHT > 0:
+            ridge = fast_ridge(grey)
+            strength = np.abs(ridge)
+            ridge_strength = (strength / max(float(np.percentile(strength, RIDGE_GATE_PERCENTILE)), 1e-6)).astype(np.float32)
+            rb, rh, rk = _likelihood_channel(_unit(ridge))
+            all_bins = np.stack([bins, rb]); hists = np.stack([hist, rh]); kernels = (kernel, rk)
         cut_image = grey[None]
         cut_sigma = max(CUT_SIGMA_NOISE_SDS * max(_noise_sd(grey), 1.0 / 255.0), 0.02)
     else:
@@ -263,7 +303,9 @@ def compute_features(image: np.ndarray) -> _Features:
         cut_sigma=cut_sigma,
         cost=cost,
         edge_distance=edge_distance,
-        has_ridge=not is_grey and RIDGE_WEIGHT > 0,
+        has_ridge=(not is_grey and RIDGE_WEIGHT > 0) or (is_grey and GREY_RIDGE_WEIGHT > 0),
+        ridge_weight=GREY_RIDGE_WEIGHT if is_grey else RIDGE_WEIGHT,
+        ridge_strength=ridge_strength,
         factor=factor,
         full_shape=full_shape,
     )
@@ -301,6 +343,10 @@ def intensity_llr(feats: _Features, pos: np.ndarray, neg: np.ndarray) -> np.ndar
     """
     uniform = np.full(N_BINS, 1.0 / N_BINS)
     total = None
+    ridge_weight = feats.ridge_weight
+    if feats.ridge_strength is not None:
+        frac = float((feats.ridge_strength[pos] >= 1.0).mean()) if pos.any() else 0.0
+        ridge_weight *= float(np.clip((frac - RIDGE_GATE_LO) / (RIDGE_GATE_HI - RIDGE_GATE_LO), 0.0, 1.0))
     for k in range(feats.bins.shape[0]):
         bins = feats.bins[k]
         fg = _density(np.bincount(bins[pos], minlength=N_BINS), feats.kernel_bins[k])
@@ -312,7 +358,9 @@ def intensity_llr(feats: _Features, pos: np.ndarray, neg: np.ndarray) -> np.ndar
         bg = (1.0 - UNIFORM_MIX) * bg + UNIFORM_MIX * uniform
         llr = np.clip(np.log(fg) - np.log(bg), -LLR_CLIP, LLR_CLIP).astype(np.float32)[bins]
         if feats.has_ridge and k == feats.bins.shape[0] - 1:
-            llr = RIDGE_WEIGHT * llr
+            if ridge_weight <= 0:
+                continue
+            llr = ridge_weight * llr
         total = llr if total is None else total + llr
     if feats.bins.shape[0] > 1:
         total = np.clip(total, -LLR_CLIP, LLR_CLIP)
