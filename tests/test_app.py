@@ -65,7 +65,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = base / "server.log"
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(ROOT / "apps" / "ibisagent"),
            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
-           "--conf", "policy", "tiny", "--conf", "tool", "embedded", "--conf", "max_steps", "3"]
+           "--conf", "policy", "tiny", "--conf", "tool", "embedded", "--conf", "max_steps", "3",
+           "--conf", "threads", "1"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     srv = Server(f"http://127.0.0.1:{port}", studies, proc, log)
@@ -112,7 +113,7 @@ def test_info_lists_models_trainers_and_options(server: Server, tmp_path: Path) 
         assert {"epoch", "total_epochs", "best_metric", "total_time"} <= set(stats)
     options = info["config"]["ibisagent"]
     assert options["policy"] == "tiny" and options["tool"] == "embedded" and options["max_steps"] == 3
-    assert {"device", "history", "auto_train_every"} <= set(options)
+    assert {"device", "history", "auto_train_every"} <= set(options) and options["threads"] == 1
 
 
 def test_agent_infer_on_a_volume_returns_mask_and_reasoning(server: Server, tmp_path: Path) -> None:

@@ -51,6 +51,9 @@ class Options:
     """Most agent steps per request."""
     auto_train_every: int = 0
     """Start ``ibisagent_sft`` after this many new corrections (0 = never)."""
+    threads: int = 0
+    """CPU threads for torch in this server process (0 = torch's default). On a shared or small CPU host set 1 per
+    worker: oversubscribed threads made one infer swing from 0.9 s to 29 s in our measurements."""
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> Options:
@@ -67,8 +70,8 @@ class Options:
         opts = cls(**values)
         if opts.history not in ("off", "full"):
             raise ValueError(f"--conf history must be 'off' or 'full', got {opts.history!r}")
-        if opts.max_steps < 1 or opts.auto_train_every < 0:
-            raise ValueError("--conf max_steps must be >= 1 and auto_train_every >= 0")
+        if opts.max_steps < 1 or opts.auto_train_every < 0 or opts.threads < 0:
+            raise ValueError("--conf max_steps must be >= 1, auto_train_every and threads >= 0")
         return opts
 
     def as_info(self) -> dict[str, Any]:
@@ -94,6 +97,7 @@ class Runtime:
                 if self._tool is None:
                     from ibisagent.tools import load_tool
 
+                    self._set_threads()
                     logger.info("building tool %s on %s", self.options.tool, self.options.device)
                     self._tool = load_tool(self.options.tool, device=self.options.device)
         return self._tool
@@ -104,12 +108,20 @@ class Runtime:
                 if self._policy is None:
                     from ibisagent.policies import load_policy
 
+                    self._set_threads()
                     if self.options.policy == "tiny":
                         logger.warning("policy 'tiny' is an UNTRAINED offline model: it shows the wiring, not "
                                        "useful masks; pass --conf policy hf:PATH (or openai:URL#MODEL, vllm:PATH)")
                     logger.info("building policy %s on %s", self.options.policy, self.options.device)
                     self._policy = load_policy(self.options.policy, device=self.options.device)
         return self._policy
+
+    def _set_threads(self) -> None:
+        """Apply ``--conf threads`` when the first model is built (not at app start, which must stay cheap)."""
+        if self.options.threads:
+            import torch
+
+            torch.set_num_threads(self.options.threads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
