@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from ibisagent.clicks import DEFAULT_IOU_STOP, DEFAULT_MAX_CLICKS, simulate
-from ibisagent.data.trajectory import ClickRecord, StepRecord, TrajectoryRecord, rle_encode
+from ibisagent.data.trajectory import StepRecord, TrajectoryRecord, rle_encode
 from ibisagent.metrics import dice, iou
-from ibisagent.policies.oracle import oracle_step_text
-from ibisagent.protocol import Action, format_action, format_response
+from ibisagent.policies.oracle import oracle_step_records
 from ibisagent.tools.base import ImageSession, check_image
 
 logger = logging.getLogger(__name__)
@@ -93,17 +92,8 @@ def correction_record(
 
     steps, stop_reason = simulate(tool_session, final, initial_mask=agent, iou_stop=iou_stop, max_clicks=max_clicks)
     before = iou(agent, final)
-    records = [StepRecord(clicks=[], mask=rle_encode(agent), iou=round(before, 6), think=START_THINK)]
-    for step in steps:
-        action = Action.from_click(step.click, w, h)
-        response = oracle_step_text(action, before)
-        records.append(StepRecord(
-            clicks=[ClickRecord(x=action.x, y=action.y, px=step.click.x, py=step.click.y,  # type: ignore[arg-type]
-                                positive=step.click.positive)],
-            mask=rle_encode(step.mask), iou=round(step.iou, 6), action=format_action(action),
-            think=response.think, raw=format_response(response), seconds=round(step.seconds, 6),
-        ))
-        before = step.iou
+    records = [StepRecord(clicks=[], mask=rle_encode(agent), iou=round(before, 6), think=START_THINK),
+               *oracle_step_records(steps, w, h, before)]
     last = steps[-1].mask if steps else agent
     return TrajectoryRecord(
         id=case_id, instruction=instruction, image=image_ref, target=target, tool=tool_name, source="correction",

@@ -32,11 +32,10 @@ from ibisagent.clicks import (
     simulate,
 )
 from ibisagent.data.manifest import CaseError, LoadedCase, load_case, read_manifest
-from ibisagent.data.trajectory import ClickRecord, StepRecord, TrajectoryRecord, rle_encode
+from ibisagent.data.trajectory import TrajectoryRecord
 from ibisagent.fileio import atomic_write_text
 from ibisagent.metrics import dice, entity_counts, f1_from_counts, iou
-from ibisagent.policies.oracle import oracle_step_text
-from ibisagent.protocol import Action, format_action, format_response
+from ibisagent.policies.oracle import oracle_step_records
 from ibisagent.tools.base import SegmentationTool
 
 if TYPE_CHECKING:
@@ -110,18 +109,8 @@ def _trajectory_record(
 ) -> TrajectoryRecord:
     case = loaded.case
     h, w = loaded.rgb.shape[:2]
-    records: list[StepRecord] = []
-    before = iou(loaded.initial_mask, target) if loaded.initial_mask is not None else iou(np.zeros_like(target), target)
-    for step in steps:
-        action = Action.from_click(step.click, w, h, target=name if len(case.targets) > 1 else None)
-        response = oracle_step_text(action, before)
-        records.append(StepRecord(
-            clicks=[ClickRecord(x=action.x, y=action.y, px=step.click.x, py=step.click.y,  # type: ignore[arg-type]
-                                positive=step.click.positive, target=action.target)],
-            mask=rle_encode(step.mask), iou=round(step.iou, 6), action=format_action(action),
-            think=response.think, raw=format_response(response), seconds=round(step.seconds, 6),
-        ))
-        before = step.iou
+    start = loaded.initial_mask if loaded.initial_mask is not None else np.zeros_like(target)
+    records = oracle_step_records(steps, w, h, iou(start, target), target=name if len(case.targets) > 1 else None)
     final = steps[-1].mask if steps else (loaded.initial_mask if loaded.initial_mask is not None
                                           else np.zeros_like(target))
     return TrajectoryRecord(

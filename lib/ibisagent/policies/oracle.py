@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ibisagent.agent import resize_mask
-from ibisagent.clicks import Click, ErrorRule, next_click
+from ibisagent.clicks import Click, ErrorRule, SimulatedStep, next_click
+from ibisagent.data.trajectory import ClickRecord, StepRecord, rle_encode
 from ibisagent.metrics import iou
 from ibisagent.policies.base import (
     Conversation,
@@ -32,7 +33,7 @@ from ibisagent.policies.base import (
     PolicyError,
     PolicyRequest,
 )
-from ibisagent.protocol import Action, ProtocolError, Response, format_response, parse_response
+from ibisagent.protocol import Action, ProtocolError, Response, format_action, format_response, parse_response
 
 #: Default IoU at which the oracle terminates (the NoC@90 protocol).
 DEFAULT_ORACLE_IOU_STOP = 0.9
@@ -42,6 +43,27 @@ ABSENT_ANSWER = "not present"
 
 #: Below this IoU the oracle's reasoning calls the mask rough rather than close.
 COARSE_IOU = 0.7
+
+
+def oracle_step_records(
+    steps: Sequence[SimulatedStep], width: int, height: int, start_iou: float, target: str | None = None
+) -> list[StepRecord]:
+    """Trajectory steps for simulated clicks (:func:`ibisagent.clicks.simulate`), narrated as the oracle would:
+    relative and pixel coordinates, the action line, the ``<think>`` sentence, the full turn text, the mask (RLE)
+    and the IoU after each click. ``target`` adds the `` [target]`` suffix (multi-target requests)."""
+    records: list[StepRecord] = []
+    before = start_iou
+    for step in steps:
+        action = Action.from_click(step.click, width, height, target=target)
+        response = oracle_step_text(action, before)
+        records.append(StepRecord(
+            clicks=[ClickRecord(x=action.x, y=action.y, px=step.click.x, py=step.click.y,  # type: ignore[arg-type]
+                                positive=step.click.positive, target=target)],
+            mask=rle_encode(step.mask), iou=round(step.iou, 6), action=format_action(action),
+            think=response.think, raw=format_response(response), seconds=round(step.seconds, 6),
+        ))
+        before = step.iou
+    return records
 
 
 def oracle_step_text(action: Action, before_iou: float) -> Response:
