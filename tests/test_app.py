@@ -10,8 +10,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,16 +27,11 @@ from monailabel.client.client import MONAILabelClientException
 from ibisagent.corrections import CorrectionStore
 from ibisagent.imaging import load_image
 from ibisagent.metrics import iou
+from processes import free_port, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_data" / "synthetic"
 READY_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
@@ -59,7 +52,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     studies.mkdir()
     shutil.copy(SAMPLES / "ct_volume.nii.gz", studies / "ct_volume.nii.gz")
     shutil.copy(SAMPLES / "ct_abdomen.png", studies / "ct_abdomen.png")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "lib"), "MONAILABEL_PYEXE": sys.executable,
            "MONAI_LABEL_INFER_CONCURRENCY": "4"}
     log = base / "server.log"
@@ -85,13 +78,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             time.sleep(0.5)
         yield srv
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
+        stop_group(proc)
 
 
 def _status(exc: MONAILabelClientException) -> int:

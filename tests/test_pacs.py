@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +31,7 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
 from ibisagent.metrics import iou
+from processes import free_port, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_data" / "synthetic"
@@ -49,12 +48,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _dicomweb_plugin() -> str:
     """The DICOMweb plugin's shared library, as the package installed it."""
     candidates: list[str] = []
@@ -69,16 +62,6 @@ def _dicomweb_plugin() -> str:
             return path
     pytest.fail("Orthanc is installed but its DICOMweb plugin is not: apt-get install orthanc-dicomweb "
                 "(scripts/install_system_deps.sh)")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
 
 
 def _tail(path: Path, n: int = 60) -> str:
@@ -114,14 +97,14 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacs]:
     base = tmp_path_factory.mktemp("orthanc")
     storage = base / "db"
     storage.mkdir()
-    port = _free_port()
+    port = free_port()
     config = {
         "Name": "ibisagent-test",
         "StorageDirectory": str(storage),
         "IndexDirectory": str(storage),
         "HttpPort": port,
         "DicomServerEnabled": False,  # no DICOM listener: only the REST/DICOMweb port is opened
-        "DicomPort": _free_port(),
+        "DicomPort": free_port(),
         "RemoteAccessAllowed": False,  # Orthanc 1.10 cannot bind one address; this refuses non-loopback clients
         "AuthenticationEnabled": False,
         "Plugins": [_dicomweb_plugin()],
@@ -152,7 +135,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacs]:
         assert len(info["Instances"]) == len(files)
         yield Pacs(url, info["MainDicomTags"]["SeriesInstanceUID"])
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 class Server:
@@ -173,7 +156,7 @@ def server(pacs: Pacs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     stub = app_dir / "bin" / "itkimage2segimage"
     stub.write_text("#!/bin/sh\necho 'dcmqi is not available in the tests' >&2\nexit 1\n")
     stub.chmod(0o755)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "lib"), "MONAILABEL_PYEXE": sys.executable,
            "MONAI_LABEL_INFER_CONCURRENCY": "2", "OMP_NUM_THREADS": "1",  # robust on small shared CI machines
            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(base / "dicom_cache"),
@@ -192,7 +175,7 @@ def server(pacs: Pacs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
         _wait_ready(f"{srv.url}/info/", proc, log, SERVER_READY_S, "MONAI Label server")
         yield srv
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def _series_shape() -> tuple[int, ...]:
