@@ -489,3 +489,20 @@ def test_oracle_needs_observations_and_known_targets(session: ImageSession) -> N
         OraclePolicy({"disc": DISC}).generate([PolicyRequest(messages=[])], GenerationOptions())
     traj = run(OraclePolicy({"disc": DISC}), session, "liver")
     assert traj.stop_reason == "policy_error" and "liver" in (traj.error or "")
+
+
+@pytest.mark.parametrize(
+    ("answer", "targets", "absent"),
+    [
+        ("The liver has been segmented. The gallbladder is not visible.", ["liver"], set()),
+        ("The lesion does not contain calcification.", ["lesion"], set()),
+        ("No colon tumor is present in this image.", ["target"], {"target"}),
+        ("There is no kidney stone.", ["kidney stone"], {"kidney stone"}),
+        ("no further correction is needed", ["x"], set()),
+        ("liver; spleen not present", ["liver", "spleen"], {"spleen"}),
+    ],
+)
+def test_absent_targets_reads_only_what_the_answer_denies(answer: str, targets: list[str], absent: set[str]) -> None:
+    from ibisagent.agent import absent_targets
+
+    assert absent_targets(answer, targets) == absent

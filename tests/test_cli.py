@@ -115,6 +115,28 @@ def test_eval_runs_the_agent_with_an_mllm_policy(small_manifest: Path, tmp_path:
     assert records and all(r.source == "policy" and r.steps and r.steps[0].raw for r in records)
 
 
+def test_a_dead_policy_backend_fails_every_case_instead_of_scoring_empty_masks(small_manifest: Path,
+                                                                               tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "eval"
+    code = main(["eval", str(small_manifest), "--policy", f"openai:http://127.0.0.1:{port}/v1#m", "--out", str(out),
+                 "--no-progress"])
+    assert code == 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["aggregate"]["samples"] == 0
+    assert all("error" in c or "skipped" in c for c in results["cases"])
+
+
+def test_eval_out_that_is_a_file_fails_before_running(small_manifest: Path, tmp_path: Path) -> None:
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert main(["eval", str(small_manifest), "--out", str(target), "--no-progress"]) == 2
+
+
 def test_bad_usage_exits_2(tmp_path: Path) -> None:
     assert main(["eval", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert main(["eval", str(SAMPLE_MANIFEST), "--policy", "hf:/nowhere", "--out", str(tmp_path / "o")]) == 2

@@ -167,3 +167,45 @@ def test_a_policy_server_that_is_down_fails_clearly_within_the_timeout(tmp_path:
     assert code == 1 and time.monotonic() - start < 90
     assert f"127.0.0.1:{port}" in capsys.readouterr().err
     assert np.asarray(PILImage.open(tmp_path / "m.png")).shape == (40, 50)  # the best mask so far (empty) is kept
+
+
+class KeyThenGarbage(Policy):
+    """Answers the key slice as the oracle would, then writes unusable text on every other slice."""
+
+    name = "key-then-garbage"
+
+    def __init__(self, oracle: Policy, key_rgb: np.ndarray) -> None:
+        self._oracle, self._key = oracle, key_rgb.tobytes()
+
+    def generate(self, requests: Sequence[PolicyRequest], options: GenerationOptions) -> list[Generation]:
+        out = []
+        for request in requests:
+            assert request.observation is not None
+            if request.observation.image.tobytes() == self._key:
+                out.extend(self._oracle.generate([request], options))
+            else:
+                out.append(Generation(text="I am not sure what to do here."))
+        return out
+
+
+def test_propagation_does_not_copy_a_mask_the_agent_did_not_confirm(tmp_path: Path) -> None:
+    src = tmp_path / "vol.nii.gz"
+    truth = _ellipsoid_volume(src)
+    image = load_image(src)
+    truth = _truth_in_grid(src, truth, tmp_path, image)
+    key = 12
+    policy = KeyThenGarbage(OraclePolicy({"e": truth[key]}), slice_rgb(image, key))
+    result = segment_volume(policy, load_tool("embedded"), image, "Segment it.", ["e"], key_slice=key)
+    mask = result.masks["e"]
+    assert mask[key].any()
+    assert not np.delete(mask, key, axis=0).any()  # neighbours answered nothing usable: nothing copied onto them
+    assert all("no usable answer" in why for why in result.stops.values())
+
+
+def test_segment_rejects_an_impossible_output_format_before_running(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "vol.nii.gz"
+    _ellipsoid_volume(src)
+    code = main(["segment", str(src), "--prompt", "x", "--policy", "hf:/nowhere", "--out", str(tmp_path / "m.png"),
+                 "--trace", str(tmp_path / "t.jsonl")])
+    assert code == 2 and "--out" in capsys.readouterr().err  # the format is checked before the (missing) policy

@@ -70,7 +70,8 @@ IMAGE_RESAMPLING = PILImage.Resampling.LANCZOS
 #: Phrases in a final answer that declare a target absent (per clause; see :func:`absent_targets`).
 _ABSENT_PHRASE = re.compile(
     r"\b(?:not\s+(?:be\s+)?(?:present|visible|seen|found|detected|identified|shown|depicted|included)|absent"
-    r"|does\s+not\s+contain|cannot\s+be\s+(?:seen|found|identified|located))\b",
+    r"|cannot\s+be\s+(?:seen|found|identified|located)|there\s+is\s+no|there\s+are\s+no)\b"
+    r"|^\s*no\b.*\b(?:is|are)\s+(?:present|visible|seen|identified|detected)\b",
     re.IGNORECASE,
 )
 #: An answer clause that is a bare denial: "No.", "None", "No, …" (not "no further correction is needed").
@@ -365,8 +366,9 @@ def absent_targets(answer: str | None, targets: Sequence[str]) -> frozenset[str]
     """The targets a final answer declares absent ("not present", "absent", "No.", "no <target>", …).
 
     The answer is split into clauses (``;``, newlines, sentence ends). A clause that declares absence applies to
-    the targets it names; one that names none applies to every target when the whole answer names no target (or
-    there is only one target). ``"no <target>"`` (up to three words between) declares that target absent.
+    the targets it names; one that names none applies to every target only when the whole answer names no target
+    (so "The liver is segmented. The gallbladder is not visible." keeps the liver). ``"no <target>"`` (up to three
+    words between) declares that target absent.
     """
     if not answer:
         return frozenset()
@@ -383,7 +385,7 @@ def absent_targets(answer: str | None, targets: Sequence[str]) -> frozenset[str]
             continue
         if named:
             absent |= named
-        elif len(targets) == 1 or not any_named:
+        elif not any_named:
             absent |= set(targets)
     return frozenset(absent)
 

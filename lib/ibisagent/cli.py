@@ -139,6 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ibisagent.data.trajectory import write_trajectories
     from ibisagent.evaluate import format_table, write_results
 
+    _prepare_dir(args.out)
     if args.policy == "oracle":
         records, results = _run_oracle(args)
     else:
@@ -198,6 +199,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     targets = tuple(args.target or ["target"])
     image = load_image(args.image)
+    _check_mask_output(args.out, image.is_volume)
     policy = _load_policy(args.policy, args.device)
     tool = _load_tool(args.tool, args.device)
     config = _agent_config(args)
@@ -275,8 +277,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ibisagent.data.trajectory import write_trajectories
     from ibisagent.evaluate import format_table, write_results
 
-    records, results = _run_oracle(args)
     out: Path = args.out
+    _prepare_dir(out)
+    records, results = _run_oracle(args)
     summary = write_results(out, results, _meta(args, "oracle"), args.max_steps)
     write_trajectories(out / "trajectories.jsonl", records)
     # picture of the longest trajectory: the most instructive one to look at
@@ -288,6 +291,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_table(summary))
     print(f"\nresults → {out / 'results.json'}, {out / 'results.md'}; picture → {out / 'trajectory.png'}")
     return _report_errors(results)
+
+
+def _prepare_dir(path: Path) -> None:
+    """Create an output folder before any work, so a bad ``--out`` fails at once rather than after the whole run."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--out {path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+
+
+MASK_SUFFIXES_2D = (".png", ".nii", ".nii.gz", ".nrrd")
+MASK_SUFFIXES_3D = (".nii", ".nii.gz", ".nrrd")
+
+
+def _check_mask_output(path: Path, volume: bool) -> None:
+    """Reject an output format that cannot hold the result before the agent runs."""
+    allowed = MASK_SUFFIXES_3D if volume else MASK_SUFFIXES_2D
+    if not path.name.lower().endswith(allowed):
+        kind = "a volume" if volume else "a 2D image"
+        raise ValueError(f"--out {path}: the mask of {kind} can be written as {', '.join(allowed)}")
 
 
 def _report_errors(results: Sequence[object]) -> int:
@@ -304,9 +326,14 @@ COMMANDS = {"simulate": cmd_simulate, "eval": cmd_eval, "segment": cmd_segment, 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ibisagent.policies.base import PolicyError
+
     try:
         return COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError) as exc:
+    except PolicyError as exc:
+        print(f"ibisagent: the policy failed: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
         print(f"ibisagent: {exc}", file=sys.stderr)
         return 2
 

@@ -297,8 +297,13 @@ def write_results(out_dir: str | os.PathLike[str], results: Sequence[CaseResult]
 def policy_case(
     loaded: LoadedCase, policy: Policy, tool: SegmentationTool, config: AgentConfig, prompts: Prompts | None = None
 ) -> tuple[list[TrajectoryRecord], CaseResult]:
-    """Run the agent (an MLLM policy) on one loaded case and score it against the case's ground truth."""
+    """Run the agent (an MLLM policy) on one loaded case and score it against the case's ground truth.
+
+    ``steps`` is the number of agent turns; per target, ``steps`` and ``ious`` count the turns that clicked (so NoC
+    counts clicks, as for the oracle). A failing policy backend fails the case (it is not scored as an empty mask).
+    """
     from ibisagent.agent import run_agent
+    from ibisagent.policies.base import PolicyError
 
     case = loaded.case
     start = time.perf_counter()
@@ -312,10 +317,15 @@ def policy_case(
     truth = {n: (m if m is not None else np.zeros(loaded.rgb.shape[:2], bool)) for n, m in loaded.targets.items()}
     records = trajectory.to_records(case.id, str(case.image), tool.name, modality=case.modality, slice=case.slice,
                                     ground_truth=truth)
+    if trajectory.stop_reason == "policy_error":
+        raise PolicyError(trajectory.error or "the policy backend failed")
     pairs = [(trajectory.masks[n], truth[n]) for n in names]
     steps = len({s.index for s in trajectory.steps})
-    targets = [TargetResult(name=n, iou=iou(p, g), dice=dice(p, g), steps=steps, stop_reason=trajectory.stop_reason,
-                            present=bool(g.any())) for n, (p, g) in zip(names, pairs)]
+    targets = []
+    for name, record, (p, g) in zip(names, records, pairs):
+        click_ious = [float(s.iou) for s in record.steps if s.clicks and s.iou is not None]
+        targets.append(TargetResult(name=name, iou=iou(p, g), dice=dice(p, g), steps=len(click_ious),
+                                    stop_reason=trajectory.stop_reason, ious=click_ious, present=bool(g.any())))
     result = CaseResult(id=case.id, modality=case.modality, iou=statistics.fmean(t.iou for t in targets),
                         dice=statistics.fmean(t.dice for t in targets), f1=f1_from_counts(*entity_counts(pairs)),
                         steps=steps, seconds=time.perf_counter() - start, targets=targets)

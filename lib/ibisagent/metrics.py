@@ -7,7 +7,9 @@ Conventions (shared by evaluation, rewards and data checks):
   any predicted pixel scores 0. The same rule makes two empty masks agree everywhere.
 * **Entity F1** over the targets of a request: a target counts as *found* when its IoU ≥ 0.5 (:data:`ENTITY_IOU`).
   Present targets are the positives: a present target that is found is a true positive, one that is not found is a
-  false negative; an absent target with a non-empty prediction is a false positive (it hallucinated an entity).
+  false negative — and if its prediction is non-empty, that wrong region is also a false positive (as in detection:
+  a missed object plus a spurious one); an absent target with a non-empty prediction is a false positive (it
+  hallucinated an entity).
   Precision = TP / (TP + FP), recall = TP / (TP + FN), F1 their harmonic mean; a request whose targets are all
   absent and all answered empty scores 1.
 """

@@ -4,7 +4,9 @@ The agent segments the key slice (the slice the user is on, ``--slice``, or the 
 neighbouring slice then starts in refinement mode from the mask of the slice before it, so the agent reasons per
 slice (it may correct, undo, or answer that the target has ended). Propagation runs in both directions at once —
 the two fronts go through :func:`ibisagent.agent.run_agents` together, one batched policy call per round — and a
-direction stops where the agent answers that the target is absent or where every mask vanishes.
+direction stops where the agent answers that the target is absent, where every mask vanishes, or where the agent
+gives no usable answer (unparseable output, time limit: the neighbour's mask is not copied on unconfirmed). A failing
+policy backend raises :class:`~ibisagent.policies.base.PolicyError`.
 
 With a SAM 2 / MedSAM2 tool, ``propagation="sam2-video"`` is the alternative: the agent segments the key slice and
 SAM 2's video memory carries the mask through the slices (:mod:`ibisagent.tools.sam2_video`).
@@ -20,11 +22,14 @@ import numpy as np
 
 from ibisagent.agent import AgentConfig, AgentJob, AgentTrajectory, absent_targets, run_agents
 from ibisagent.imaging import Image, num_slices, slice_of, to_display_rgb
-from ibisagent.policies.base import Policy
+from ibisagent.policies.base import Policy, PolicyError
 from ibisagent.prompts import Prompts
 from ibisagent.tools.base import SegmentationTool
 
 log = logging.getLogger(__name__)
+
+#: Stops after which a propagated slice's mask is only its neighbour's, unconfirmed: propagation ends there.
+UNRELIABLE_STOPS = frozenset({"unparseable", "time_limit"})
 
 
 @dataclass
@@ -112,6 +117,8 @@ def segment_volume(
                         initial_masks=initial)
 
     first = run_agents(policy, [job(key, dict(initial_masks or {}))], config, prompts)[0]
+    if first.stop_reason == "policy_error":
+        raise PolicyError(f"key slice {key}: {first.error or 'the policy backend failed'}")
     _store(result, key, first)
     if _ended(first, targets):
         result.stops = {"up": "absent at key slice", "down": "absent at key slice"}
@@ -138,6 +145,14 @@ def segment_volume(
         trajectories = run_agents(policy, [job(fronts[d][0], fronts[d][1]) for d in order], config, prompts)
         for direction, trajectory in zip(order, trajectories):
             k = fronts[direction][0]
+            if trajectory.stop_reason == "policy_error":
+                raise PolicyError(f"slice {k}: {trajectory.error or 'the policy backend failed'}")
+            if trajectory.stop_reason in UNRELIABLE_STOPS:
+                # the slice kept its neighbour's mask without the agent confirming it: do not copy it onward
+                result.slices[k] = trajectory
+                result.stops[direction] = f"agent gave no usable answer at slice {k} ({trajectory.stop_reason})"
+                del fronts[direction]
+                continue
             if _ended(trajectory, targets):
                 result.slices[k] = trajectory
                 result.stops[direction] = f"target ended at slice {k} ({trajectory.stop_reason})"
