@@ -367,3 +367,21 @@ def test_voxel_index_maps_to_the_same_voxel_in_the_canonical_array(tmp_path: Pat
         assert geometry.canonical_to_voxel(zyx) == ijk
     with pytest.raises(ValueError, match="outside"):
         geometry.voxel_to_canonical((5, 0, 0))
+
+
+def test_series_folder_ignores_a_dicomdir_and_a_report_but_rejects_a_truncated_slice(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    from ibisagent.imaging import load_image
+
+    series = Path(__file__).resolve().parents[1] / "sample_data" / "synthetic" / "ct_series"
+    folder = tmp_path / "series"
+    shutil.copytree(series, folder)
+    expected = load_image(series).array.shape
+    shutil.copy(get_testdata_file("test-SR.dcm"), folder / "report.dcm")  # a structured report: no pixels
+    assert load_image(folder).array.shape == expected
+    first = sorted(folder.glob("*.dcm"))[0]
+    data = first.read_bytes()
+    (folder / "broken.dcm").write_bytes(data[: len(data) // 2])  # a truncated slice of the same series
+    with pytest.raises(ImageError, match="broken.dcm"):
+        load_image(folder)

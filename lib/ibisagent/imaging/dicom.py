@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+import logging
 from pathlib import Path
 
 import highdicom as hd
@@ -15,6 +16,11 @@ from pydicom.sr.codedict import codes
 
 from ..fileio import atomic_path
 from .io import _LPS_TO_RAS, Image, ImageError, _volume_image, load_image, sitk_image_to_image
+
+logger = logging.getLogger(__name__)
+
+#: Values larger than this are not read when checking a stray DICOM file (pixel data stays on disk).
+PIXEL_DEFER_BYTES = 1024
 
 ALGORITHM_NAME = "ibisagent"
 
@@ -82,9 +88,9 @@ def load_dicom_series(folder: Path) -> Image:
     uid = max(ids, key=lambda u: len(files_by_uid[u]))
     files = [Path(f) for f in files_by_uid[uid]]
     in_series = {Path(f).resolve() for names in files_by_uid.values() for f in names}
-    rejected = sorted(
-        p.name for p in folder.iterdir() if p.is_file() and p.resolve() not in in_series and pydicom.misc.is_dicom(str(p))
-    )
+    leftovers = [p for p in sorted(folder.iterdir())
+                 if p.is_file() and p.resolve() not in in_series and pydicom.misc.is_dicom(str(p))]
+    rejected = [p.name for p in leftovers if _unreadable_slice_of(p, uid)]
     if rejected:
         raise ImageError(f"{folder}: DICOM file(s) that GDCM could not read (corrupt or truncated): {rejected[:5]}")
     _check_slice_positions(folder, files)
@@ -102,6 +108,22 @@ def load_dicom_series(folder: Path) -> Image:
     if modality == "CT" and img.GetPixelID() not in (sitk.sitkInt16, sitk.sitkFloat32):
         img = sitk.Cast(img, sitk.sitkFloat32)
     return sitk_image_to_image(img, folder, modality, dicom_files=tuple(files))
+
+
+def _unreadable_slice_of(path: Path, series_uid: str) -> bool:
+    """Whether a DICOM file GDCM skipped is a broken image of the series (corrupt or truncated) rather than a harmless
+    neighbour (a DICOMDIR, a structured report, another series' object), which is ignored with a warning."""
+    try:
+        ds = pydicom.dcmread(str(path), defer_size=PIXEL_DEFER_BYTES)
+    except Exception:  # noqa: BLE001 - any parse failure means the file is corrupt
+        return True
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        logger.warning("%s: not an image (SOP class %s), ignored", path, ds.get("SOPClassUID", "unknown"))
+        return False
+    if str(ds.get("SeriesInstanceUID", "")) != series_uid:
+        logger.warning("%s: belongs to another series, ignored", path)
+        return False
+    return True
 
 
 def _check_slice_positions(folder: Path, files: list[Path]) -> None:
