@@ -385,3 +385,15 @@ def test_series_folder_ignores_a_dicomdir_and_a_report_but_rejects_a_truncated_s
     (folder / "broken.dcm").write_bytes(data[: len(data) // 2])  # a truncated slice of the same series
     with pytest.raises(ImageError, match="broken.dcm"):
         load_image(folder)
+
+
+def test_mask_drawn_in_the_alpha_channel_is_read_from_alpha(tmp_path: Path) -> None:
+    from ibisagent.imaging import load_mask
+
+    truth = np.zeros((40, 50), dtype=bool)
+    truth[10:20, 5:35] = True
+    rgba = np.zeros((40, 50, 4), dtype=np.uint8)
+    rgba[..., :3] = 255  # white everywhere: only alpha carries the mask
+    rgba[..., 3] = truth * 255
+    PILImage.fromarray(rgba, mode="RGBA").save(tmp_path / "m.png")
+    np.testing.assert_array_equal(load_mask(tmp_path / "m.png", (40, 50)), truth)

@@ -109,7 +109,12 @@ def _load_png_mask(path: Path) -> np.ndarray:
     try:
         with PILImage.open(path) as pil:
             pil.load()
-            if pil.mode in ("RGBA", "LA", "PA"):
+            if pil.mode == "PA":
+                pil = pil.convert("RGBA")
+            if pil.mode in ("RGBA", "LA"):
+                alpha = np.asarray(pil.getchannel("A"))
+                if alpha.min() != alpha.max():  # the mask is drawn in transparency (common in paint tools)
+                    return binary_levels(alpha, path)
                 pil = pil.convert("RGB") if pil.mode == "RGBA" else pil.convert("L")
             values = pil_to_array(pil, path)
     except ImageError:
@@ -121,7 +126,10 @@ def _load_png_mask(path: Path) -> np.ndarray:
 
 def _check_shape(path: Path, got: tuple[int, ...], expected: tuple[int, ...]) -> None:
     if tuple(got) != tuple(expected):
-        raise ImageError(f"{path}: mask shape {tuple(got)} does not match image shape {tuple(expected)}")
+        hint = ""
+        if len(got) == 2 and tuple(got) == tuple(expected)[::-1]:
+            hint = " (transposed? masks are (rows, columns) = (H, W), as the image)"
+        raise ImageError(f"{path}: mask shape {tuple(got)} does not match image shape {tuple(expected)}{hint}")
 
 
 def _check_slice(path: Path, slice: int, n: int) -> None:
