@@ -16,8 +16,8 @@ One step::
   output. For each target that got clicks the tool sees *all* clicks so far of that target and that target's
   previous logits.
 * **Grids**: the policy sees the image resized once to :meth:`Policy.image_size` (the *policy grid*, (ph, pw)); the
-  tool session and every returned mask are in the *original grid* (H, W). A click is converted with
-  :meth:`Action.to_click` in the policy grid, then mapped to the original-grid pixel under the policy pixel's centre.
+  tool session and every returned mask are in the *original grid* (H, W). A click's relative coordinates are converted
+  straight to the original grid with :meth:`Action.to_click` (its policy-grid pixel is used only to detect repeats).
   Masks shown to the policy are resized to the policy grid with nearest-neighbour sampling of pixel centres.
 * **History** (:attr:`AgentConfig.history`): ``off`` sends system prompt + current observation each step (as the
   released checkpoint was run); ``full`` sends system prompt, first image turn, then every assistant turn and
@@ -345,15 +345,6 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return mask[np.ix_(rows, cols)]
 
 
-def map_click(click: Click, src: tuple[int, int], dst: tuple[int, int]) -> Click:
-    """A pixel click in a ``src`` = (H, W) grid → the pixel of a ``dst`` = (H, W) grid under its centre."""
-    if src == dst:
-        return click
-    x = min(int(math.floor((click.x + 0.5) * dst[1] / src[1])), dst[1] - 1)
-    y = min(int(math.floor((click.y + 0.5) * dst[0] / src[0])), dst[0] - 1)
-    return Click(x=x, y=y, positive=click.positive)
-
-
 def _centre_index(n_out: int, n_in: int) -> np.ndarray:
     return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
 
@@ -585,7 +576,7 @@ class _Run:
         pending: dict[int, list[Click]] = {}
         for r in routed:
             if r.policy_click is not None and r.target is not None:
-                click = map_click(r.policy_click, self.policy_grid, self.grid)
+                click = r.action.to_click(self.grid[1], self.grid[0])  # relative → original grid, no detour
                 pending.setdefault(r.target, []).append(click)
                 added.append(AgentClick(self.job.targets[r.target], r.action, click))
                 continue
@@ -714,6 +705,6 @@ def _step_record(step: AgentStep, name: str, truth: np.ndarray | None, multi: bo
 
 __all__ = [
     "AgentClick", "AgentConfig", "AgentJob", "AgentState", "AgentStep", "AgentTrajectory", "HistoryMode",
-    "StepTimings", "StopReason", "TargetState", "absent_targets", "map_click", "resize_image", "resize_mask",
+    "StepTimings", "StopReason", "TargetState", "absent_targets", "resize_image", "resize_mask",
     "run_agent", "run_agents",
 ]
