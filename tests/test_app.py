@@ -202,3 +202,24 @@ def test_training_fails_clearly_instead_of_faking_success(server: Server) -> Non
     assert r.status_code >= 400
     time.sleep(0.5)
     assert "not implemented" in server.log_tail(200) + r.text
+
+
+def test_agent_outputs_from_several_worker_processes_are_all_kept(tmp_path: Path) -> None:
+    """`--workers N` runs N processes that store agent outputs for the same image: none may overwrite another's."""
+    code = (
+        "import sys, numpy as np; sys.path.insert(0, sys.argv[1]);"
+        "from lib.infers.common import AgentOutputs;"
+        "store = AgentOutputs(sys.argv[2]); base = int(sys.argv[3]);"
+        "[store.put('img', base + k, {'k': base + k}, {'t': np.ones((4, 4), bool)}) for k in range(25)]"
+    )
+    app = str(ROOT / "apps" / "ibisagent")
+    procs = [subprocess.Popen([sys.executable, "-c", code, app, str(tmp_path), str(base)]) for base in (0, 100)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    sys.path.insert(0, app)
+    try:
+        from lib.infers.common import AgentOutputs
+
+        kept = AgentOutputs(tmp_path).take("img")
+    finally:
+        sys.path.remove(app)
+    assert sorted(kept) == [*range(25), *range(100, 125)]

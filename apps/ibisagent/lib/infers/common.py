@@ -9,13 +9,16 @@ pictures are stored ``(W, H, 1)``: ``[i, j]`` is ``[x, y]``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import re
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -278,25 +281,37 @@ def write_result(mask: np.ndarray, image: Image, k: int, request: dict[str, Any]
 
 class AgentOutputs:
     """The agent's last mask per (image id, slice), kept beside the datastore so that a later save of a ``final``
-    label can be compared with it. One JSON file per image id under ``root``; written atomically."""
+    label can be compared with it. One JSON file per image id under ``root``; written atomically. Each
+    read-modify-write holds a thread lock and an exclusive ``flock`` on ``root/.lock``, so several server workers
+    (``--workers N``) never lose each other's entries."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.root / ".lock", "a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def _path(self, image_id: str) -> Path:
         return self.root / f"{check_name(image_id, 'image id')}.json"
 
     def put(self, image_id: str, slice_key: int, entry: dict[str, Any], masks: dict[str, np.ndarray]) -> None:
         entry = {**entry, "masks": {name: rle_encode(m) for name, m in masks.items()}}
-        with self._lock:
+        with self._exclusive():
             data = self._read(image_id)
             data[str(slice_key)] = entry
             atomic_write_text(self._path(image_id), json.dumps(data))
 
     def take(self, image_id: str) -> dict[int, dict[str, Any]]:
         """All stored outputs of the image (slice → entry with decoded ``masks``), removing them."""
-        with self._lock:
+        with self._exclusive():
             data = self._read(image_id)
             self._path(image_id).unlink(missing_ok=True)
         out = {}
