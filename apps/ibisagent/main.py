@@ -159,7 +159,7 @@ class IbisAgentApp(MONAILabelApp):
         outputs = config.outputs.take(image_id)  # type: ignore[attr-defined]
         if not outputs:
             return 0, store.count()
-        image = load_image(self.datastore().get_image_uri(image_id))
+        image = load_image(self.datastore().get_image_uri(image_id), modality=self.options.modality or None)
         label = load_image(self.datastore().get_label_uri(label_id, DefaultLabelTag.FINAL.value)).array
         expected = image.array.shape if image.is_volume else image.array.shape[:2]
         if label.shape != expected:

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None, help="policy spec (default: the bundled default; see README)")
     p.add_argument("--tool", default="embedded", help="tool spec (default: embedded)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--modality", help="modality of the image (CT, MR, ...), overriding the file's; CT gets the CT "
+                   "window. Default: the file's, else CT for Hounsfield-range values (see docs/INPUTS.md)")
     p.add_argument("--slice", type=int, help="volumes: key slice to start from (default: the middle slice)")
     p.add_argument("--range", type=int, nargs=2, metavar=("FIRST", "LAST"), help="volumes: slices to stay within")
     p.add_argument("--max-steps", type=int, default=10, help="agent steps per slice (default: 10)")
@@ -193,12 +195,12 @@ def _output_paths(out: Path, targets: Sequence[str]) -> dict[str, Path]:
 def cmd_segment(args: argparse.Namespace) -> int:
     from ibisagent.agent import run_agent
     from ibisagent.data.trajectory import write_trajectories
-    from ibisagent.imaging import load_image, save_mask_like, to_display_rgb
+    from ibisagent.imaging import display_window, load_image, save_mask_like, slice_of, to_display_rgb
     from ibisagent.render import render_trajectory
     from ibisagent.volume import segment_volume, slice_rgb
 
     targets = tuple(args.target or ["target"])
-    image = load_image(args.image)
+    image = load_image(args.image, modality=args.modality or None)
     _check_mask_output(args.out, image.is_volume)
     policy = _load_policy(args.policy, args.device)
     tool = _load_tool(args.tool, args.device)
@@ -209,8 +211,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                 slice_range=tuple(args.range) if args.range else None, config=config,
                                 prompts=_prompts(args), propagation=args.propagation)
         records = [r for k in sorted(result.slices)
-                   for r in result.slices[k].to_records(args.image.name, str(args.image), tool.name,
-                                                        modality=image.modality, slice=k)]
+                   for r in result.slices[k].to_records(
+                       args.image.name, str(args.image), tool.name, modality=image.modality, slice=k,
+                       window=display_window(slice_of(image, k), image.modality).to_dict())]
         for name, path in outputs.items():
             save_mask_like(result.masks[name], image, path)
         trajectories = list(result.slices.values())
@@ -226,7 +229,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         trajectory = run_agent(policy, tool.encode(rgb), rgb, args.prompt, targets, config=config,
                                prompts=_prompts(args))
         trajectories = [trajectory]
-        records = trajectory.to_records(args.image.name, str(args.image), tool.name, modality=image.modality)
+        records = trajectory.to_records(args.image.name, str(args.image), tool.name, modality=image.modality,
+                                        window=display_window(image.array, image.modality).to_dict())
         for name, path in outputs.items():
             save_mask_like(trajectory.masks[name], image, path)
         viz_rgb, viz_records = rgb, records
@@ -234,7 +238,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     write_trajectories(args.trace, records)
     if args.viz is not None and viz_records:
         render_trajectory(viz_rgb, viz_records[0], args.viz)
-    print(f"{summary}\nmask → {', '.join(str(p) for p in outputs.values())}; trace → {args.trace}")
+    shown = display_window(slice_of(image, records[0].slice or 0) if records else image.array, image.modality)
+    print(f"{summary}\nmodality {image.modality or 'unknown'}, display {shown.describe()}\n"
+          f"mask → {', '.join(str(p) for p in outputs.values())}; trace → {args.trace}")
     failed = [t for t in trajectories if t.stop_reason == "policy_error"]
     for t in failed:
         print(f"ibisagent: the policy failed: {t.error}", file=sys.stderr)
@@ -255,7 +261,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     record = records[0]
     image = load_image(record.image)
     plane = slice_of(image, record.slice) if image.is_volume else image.array
-    rgb = to_display_rgb(plane, record.modality)
+    rgb = to_display_rgb(plane, record.modality or image.modality)
     render_trajectory(rgb, record, args.out)
     print(f"{record.id}/{record.target}: {len(record.steps)} steps → {args.out}")
     return 0

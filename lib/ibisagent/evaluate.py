@@ -115,7 +115,8 @@ def _trajectory_record(
                                           else np.zeros_like(target))
     return TrajectoryRecord(
         id=case.id, instruction=case.instruction, image=str(case.image), target=name, tool=tool, source="simulated",
-        modality=case.modality, slice=case.slice, steps=records, final_iou=round(iou(final, target), 6),
+        modality=case.modality, slice=case.slice, window=loaded.window.to_dict(), steps=records,
+        final_iou=round(iou(final, target), 6),
         final_dice=round(dice(final, target), 6), stop_reason=stop,
         answer=None if target.any() else "not present",
     )
@@ -316,6 +317,7 @@ def policy_case(
                            prompts=prompts, initial_masks=initial)
     truth = {n: (m if m is not None else np.zeros(loaded.rgb.shape[:2], bool)) for n, m in loaded.targets.items()}
     records = trajectory.to_records(case.id, str(case.image), tool.name, modality=case.modality, slice=case.slice,
+                                    window=loaded.window.to_dict(),
                                     ground_truth=truth)
     if trajectory.stop_reason == "policy_error":
         raise PolicyError(trajectory.error or "the policy backend failed")

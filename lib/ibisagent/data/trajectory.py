@@ -86,6 +86,8 @@ class TrajectoryRecord:
     source: Source
     modality: str = ""
     slice: int | None = None
+    window: dict[str, Any] | None = None
+    """The display rule the picture was made with (:meth:`ibisagent.imaging.DisplayWindow.to_dict`)."""
     steps: list[StepRecord] = field(default_factory=list)
     final_iou: float | None = None
     final_dice: float | None = None

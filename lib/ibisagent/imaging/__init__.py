@@ -15,17 +15,28 @@ from .io import (
     slice_of,
 )
 from .masks import full_mask, load_mask, save_mask_like, save_mask_png
-from .windowing import CT_WINDOWS, percentile_to_uint8, to_display_rgb, window_to_uint8
+from .windowing import (
+    CT_WINDOWS,
+    DisplayWindow,
+    display_window,
+    looks_like_hounsfield,
+    percentile_to_uint8,
+    to_display_rgb,
+    window_to_uint8,
+)
 
 __all__ = [
     "CANONICAL_AXCODES",
     "CT_WINDOWS",
+    "DisplayWindow",
     "Geometry",
     "Image",
     "ImageError",
+    "display_window",
     "full_mask",
     "load_image",
     "load_mask",
+    "looks_like_hounsfield",
     "num_slices",
     "percentile_to_uint8",
     "save_dicom_seg",

@@ -19,9 +19,11 @@ from .common import (
     Runtime,
     bad_request,
     canonical_to_voxel,
+    display_json,
     display_slice,
     load_request_image,
     request_clicks,
+    request_modality,
     slice_or_none,
     write_result,
 )
@@ -65,7 +67,7 @@ class IbisAgentInfer(InferTask):
             raise bad_request("missing instruction: send params {\"instruction\": \"Segment the ...\"}")
         instruction = instruction.strip()
         target = str(request.get("target") or "").strip() or target_from_instruction(instruction)
-        image = load_request_image(request["image"])
+        image = load_request_image(request["image"], request_modality(request, self.runtime.options.modality))
         where = request_clicks(image, request)
         rgb = display_slice(image, where.slice)
         loaded = time.perf_counter()
@@ -109,6 +111,7 @@ class IbisAgentInfer(InferTask):
             "answer": trajectory.answer,
             "stop_reason": trajectory.stop_reason,
             "error": trajectory.error,
+            **display_json(image, where.slice),
             "user_clicks": len(where.clicks),
             "ignored_clicks": list(where.ignored),
             "policy": opts.policy,

@@ -11,7 +11,17 @@ from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from .common import Runtime, bad_request, display_slice, load_request_image, request_clicks, slice_or_none, write_result
+from .common import (
+    Runtime,
+    bad_request,
+    display_json,
+    display_slice,
+    load_request_image,
+    request_clicks,
+    request_modality,
+    slice_or_none,
+    write_result,
+)
 
 
 class IbisClicksInfer(InferTask):
@@ -32,7 +42,7 @@ class IbisClicksInfer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         start = time.perf_counter()
-        image = load_request_image(request["image"])
+        image = load_request_image(request["image"], request_modality(request, self.runtime.options.modality))
         where = request_clicks(image, request)
         if not where.clicks:
             raise bad_request("no click on the image: send foreground/background voxel clicks [[i, j, k], ...]")
@@ -53,6 +63,7 @@ class IbisClicksInfer(InferTask):
             "label_names": {target: 1},
             "slice": slice_or_none(image, where.slice),
             "clicks": [{"px": c.x, "py": c.y, "positive": c.positive} for c in clicks],
+            **display_json(image, where.slice),
             "ignored_clicks": list(where.ignored),
             "tool": self.runtime.options.tool,
             "timings": {"encode": round(encoded - start, 4), "total": round(time.perf_counter() - start, 4)},

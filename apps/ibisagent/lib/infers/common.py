@@ -29,7 +29,7 @@ from fastapi import HTTPException
 from ibisagent.clicks import Click
 from ibisagent.data.trajectory import rle_decode, rle_encode
 from ibisagent.fileio import atomic_write_text
-from ibisagent.imaging import Image, ImageError, load_image, num_slices, slice_of, to_display_rgb
+from ibisagent.imaging import Image, ImageError, display_window, load_image, num_slices, slice_of, to_display_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ class Options:
     """Most agent steps per request."""
     auto_train_every: int = 0
     """Start ``ibisagent_sft`` after this many new corrections (0 = never)."""
+    modality: str = ""
+    """Modality of the served images (``CT``, ``MR``, ...) overriding the files' own; a request's ``modality``
+    overrides it. ``""``: the file's (DICOM tags), else ``CT`` for Hounsfield-range volumes (docs/INPUTS.md)."""
     threads: int = 0
     """CPU threads for torch in this server process (0 = torch's default). On a shared or small CPU host set 1 per
     worker: oversubscribed threads made one infer swing from 0.9 s to 29 s in our measurements."""
@@ -159,9 +162,19 @@ def server_side_input(path: str) -> bool:
     return any(real.startswith(root + os.sep) for root in roots)
 
 
-def load_request_image(path: str) -> Image:
+def request_modality(request: dict[str, Any], default: str) -> str | None:
+    """The request's ``modality`` (``CT``, ``MR``, ...), else the server's ``--conf modality``; ``None`` = the file's."""
+    value = request.get("modality")
+    if value is None or value == "":
+        return default or None
+    if not isinstance(value, str) or not value.isalnum() or len(value) > 16:
+        raise bad_request(f"modality must be a short name such as CT or MR, got {value!r}")
+    return value
+
+
+def load_request_image(path: str, modality: str | None = None) -> Image:
     try:
-        return load_image(path)
+        return load_image(path, modality=modality)
     except ImageError as exc:
         raise bad_request(f"cannot read the image: {exc}", 415) from exc
 
@@ -239,6 +252,11 @@ def request_clicks(image: Image, request: dict[str, Any]) -> SliceClicks:
 def display_slice(image: Image, k: int) -> np.ndarray:
     """(H, W, 3) uint8 display RGB of canonical slice ``k`` (the whole picture for 2D images)."""
     return to_display_rgb(slice_of(image, k), image.modality)
+
+
+def display_json(image: Image, k: int) -> dict[str, Any]:
+    """The modality and display window of canonical slice ``k`` as the reply reports them."""
+    return {"modality": image.modality, "window": display_window(slice_of(image, k), image.modality).to_dict()}
 
 
 def slice_or_none(image: Image, k: int) -> int | None:
