@@ -374,14 +374,16 @@ def _load_sitk_file(path: Path) -> Image:
     return sitk_image_to_image(img, path, "")
 
 
-def sitk_image_to_image(img: sitk.Image, path: Path, modality: str, dicom_files: tuple[Path, ...] = ()) -> Image:
-    """Wrap a scalar 2D/3D SimpleITK image (array ``[z, y, x]``) as an :class:`Image`."""
+def sitk_image_to_image(img: sitk.Image, path: Path, modality: str, dicom_files: tuple[Path, ...] = (),
+                        affine: np.ndarray | None = None) -> Image:
+    """Wrap a scalar 2D/3D SimpleITK image (array ``[z, y, x]``) as an :class:`Image`; ``affine`` (RAS, of the
+    ``(x, y, z)`` index grid) replaces the image's own geometry when given (a sheared, gantry-tilted stack)."""
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise ImageError(f"{path}: vector/colour pixels are not supported in volumes "
                          f"({img.GetNumberOfComponentsPerPixel()} components)")
     arr = sitk.GetArrayFromImage(img)
     stored = arr.T  # [z, y, x] -> (x, y, z)
-    return _volume_image(stored, sitk_to_ras_affine(img), path, modality, dicom_files)
+    return _volume_image(stored, sitk_to_ras_affine(img) if affine is None else affine, path, modality, dicom_files)
 
 
 def slice_of(image: Image, k: int) -> np.ndarray:

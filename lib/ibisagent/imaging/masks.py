@@ -148,6 +148,14 @@ def _check_geometry(path: Path, mask: Image, image: Image) -> None:
         )
 
 
+def is_sheared(affine: np.ndarray, tolerance: float = 1e-6) -> bool:
+    """Whether a 4x4 affine's voxel axes are not mutually orthogonal (a gantry-tilted stack)."""
+    cols = np.asarray(affine, dtype=float)[:3, :3]
+    unit = cols / np.linalg.norm(cols, axis=0)
+    gram = unit.T @ unit
+    return bool(np.abs(gram - np.eye(3)).max() > tolerance)
+
+
 def save_mask_png(mask2d: np.ndarray, path: str | os.PathLike[str]) -> Path:
     """Write a 2D mask ``(H, W)`` as an 8-bit PNG with values 0 and 255 (atomically). Returns ``path``."""
     mask = np.asarray(mask2d)
@@ -187,7 +195,8 @@ def save_mask_like(mask: np.ndarray, image: Image, path: str | os.PathLike[str],
             (written as a full volume with only that slice set).
         image: the image the mask was drawn on.
         path: ``.nii``/``.nii.gz`` (nibabel, the image's own affine and voxel order), ``.nrrd`` (SimpleITK), or
-            ``.png`` (2D only).
+            ``.png`` (2D only). A sheared (gantry-tilted) grid is carried exactly: NRRD's space directions hold it;
+            NIfTI holds it in the sform only (qform code 0), which nibabel reads exactly and ITK-based readers refuse.
 
     Returns:
         ``path``. Values are uint8 0/1 in NIfTI/NRRD, 0/255 in PNG.
@@ -205,7 +214,12 @@ def save_mask_like(mask: np.ndarray, image: Image, path: str | os.PathLike[str],
     if has_suffix(p, NIFTI_SUFFIXES):
         nii = nib.Nifti1Image(stored, image.geometry.source_affine)
         nii.set_data_dtype(np.uint8)
-        nii.set_qform(image.geometry.source_affine, code=1)
+        if is_sheared(image.geometry.source_affine):
+            # a gantry-tilted grid: the qform cannot hold a shear, so only the (exact) sform is written; readers
+            # that would take an approximate qform (ITK, Slicer) refuse the file instead of misplacing the mask
+            nii.set_qform(None, code=0)
+        else:
+            nii.set_qform(image.geometry.source_affine, code=1)
         nii.set_sform(image.geometry.source_affine, code=1)
         with atomic_path(p) as tmp:
             nib.save(nii, str(tmp))
