@@ -374,10 +374,15 @@ def _check_slice_positions(folder: Path, headers: list[pydicom.Dataset]) -> None
     if len(headers) < 3:
         return
     positions = []
+    first_iop = None
     for ds in headers:
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             return
         iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+        first_iop = iop if first_iop is None else first_iop
+        if np.abs(iop - first_iop).max() > ORIENTATION_TOLERANCE:
+            raise ImageError(f"{folder}: the slices have different orientations (ImageOrientationPatient varies "
+                             f"within the series, e.g. a tilt that changes); cannot place them on one grid")
         normal = np.cross(iop[:3], iop[3:])
         positions.append(float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])))
     steps = np.diff(positions)
