@@ -183,3 +183,54 @@ def test_slices_of_different_tilts_are_refused(tmp_path: Path) -> None:
     target.save_as(str(folder / "ct03.dcm"))
     with pytest.raises(ImageError, match="different orientations"):
         load_image(folder)
+
+
+def _enhanced_multiframe(files: list[Path], path: Path) -> Path:
+    """The series as one enhanced multi-frame CT instance (highdicom's legacy converter; per-frame positions)."""
+    import highdicom as hd
+
+    datasets = []
+    for f in files:
+        ds = pydicom.dcmread(str(f))
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "Tilt^Test", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.ContentDate, ds.ContentTime = "20260101", "000000", "20260101", "000000"
+        ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID, ds.SeriesNumber = "", "", "1", 1
+        ds.Manufacturer, ds.KVP, ds.AcquisitionNumber = "test", 120, 1
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = "1.2.826.0.1.3680043.8.498.1", ""
+        datasets.append(ds)
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(datasets, series_instance_uid=hd.UID(), series_number=2,
+                                                  sop_instance_uid=hd.UID(), instance_number=1)
+    mf.save_as(str(path))
+    return path
+
+
+@pytest.mark.parametrize("tilt", [-20.0, 20.0])
+def test_an_enhanced_multiframe_file_places_the_mask_on_the_lesion(tmp_path: Path, tilt: float) -> None:
+    folder = write_tilted_series(tmp_path / "series", tilt)
+    single = _enhanced_multiframe(sorted(folder.glob("*.dcm")), tmp_path / "enhanced.dcm")
+    image = load_image(single)
+    assert image.is_volume and image.array.shape == (8, SIZE, SIZE)
+    _assert_on_lesion(folder, save_mask_like(image.array > 100, image, tmp_path / "mask.nii.gz"))
+
+
+def test_a_dicom_seg_of_a_tilted_series_references_each_slice_where_it_is(tmp_path: Path) -> None:
+    """DICOM-SEG frames take each source slice's own plane position, read back with highdicom."""
+    import highdicom as hd
+
+    from ibisagent.imaging import save_dicom_seg
+
+    image = load_image(FIELD_CASE)
+    seg = hd.seg.segread(str(save_dicom_seg(image.array > 100, FIELD_CASE, tmp_path / "seg.dcm", ["lesion"])))
+    files = sorted(FIELD_CASE.glob("*.dcm"))
+    truth = {pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID: lesion_world([f])[0] for f in files}
+    frames = seg.PerFrameFunctionalGroupsSequence
+    assert len(frames) == len(files)
+    for k, frame in enumerate(frames):
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        origin = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, float)
+        iop = np.asarray(seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient,
+                         float)
+        rows, cols = np.nonzero(seg.pixel_array[k] if seg.pixel_array.ndim == 3 else seg.pixel_array)
+        world = origin + cols.mean() * iop[:3] + rows.mean() * iop[3:]
+        assert np.linalg.norm(world - truth[ref]) < 1.0
