@@ -22,7 +22,7 @@ import pydicom
 import SimpleITK as sitk
 from PIL import Image as PILImage
 from pydicom.encaps import defragment_data
-from pydicom.pixel_data_handlers.util import apply_modality_lut, convert_color_space
+from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, convert_color_space
 from pydicom.uid import UID
 from pydicom.sr.codedict import codes
 
@@ -110,12 +110,14 @@ def load_dicom_file(path: Path) -> Image:
         except RuntimeError as exc:
             raise _undecodable(path, ds, {"GDCM": exc}) from exc
         return sitk_image_to_image(img, path, modality, dicom_files=(path,), affine=_multiframe_affine(path, ds, img))
-    pixels = _decode_single_frame(path, ds)
+    pixels, rescaled = _decode_single_frame(path, ds)
+    if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR" and pixels.ndim == 2:
+        pixels = apply_color_lut(pixels, ds)  # indices -> RGB through the file's palette
     if pixels.ndim == 3:
         rgb = _colour_to_uint8(np.asarray(pixels), ds)
         image = _volume_image(rgb[..., 0].T, _single_frame_affine(ds), path, modality or "RGB", (path,))
         return Image(rgb, False, modality or "RGB", image.spacing, path, image.geometry, (path,))
-    values = apply_modality_lut(pixels, ds)
+    values = pixels if rescaled else apply_modality_lut(pixels, ds)
     if values.dtype.kind == "f" or modality == "CT":
         values = values.astype(np.float32)
     return _volume_image(values.T, _single_frame_affine(ds), path, modality, (path,))
@@ -126,8 +128,9 @@ def _transfer_syntax(ds: pydicom.Dataset) -> UID:
     return UID(str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))) if meta is not None else UID("1.2.840.10008.1.2")
 
 
-def _decode_single_frame(path: Path, ds: pydicom.Dataset) -> np.ndarray:
-    """Pixels of a single-frame instance: ``(rows, cols)`` as stored, or ``(rows, cols, 3)`` RGB.
+def _decode_single_frame(path: Path, ds: pydicom.Dataset) -> tuple[np.ndarray, bool]:
+    """Pixels of a single-frame instance: ``(rows, cols)`` grey, or ``(rows, cols, 3)`` RGB; and whether the
+    modality LUT (RescaleSlope/Intercept) is already applied (GDCM applies it, pydicom does not).
 
     Order: colour JPEG Baseline/Extended through :func:`_decode_jpeg_rgb`; then pydicom with its installed
     plug-ins; then GDCM (SimpleITK). Raises :class:`ImageError` naming the transfer syntax and, when nothing here can
@@ -138,7 +141,7 @@ def _decode_single_frame(path: Path, ds: pydicom.Dataset) -> np.ndarray:
     errors: dict[str, Exception] = {}
     if syntax in _JPEG_LOSSY and samples == 3:
         try:
-            return _decode_jpeg_rgb(ds)
+            return _decode_jpeg_rgb(ds), False
         except Exception as exc:  # noqa: BLE001 - fall through to the generic decoders
             errors["Pillow"] = exc
     try:
@@ -146,7 +149,7 @@ def _decode_single_frame(path: Path, ds: pydicom.Dataset) -> np.ndarray:
         if samples == 3 and str(ds.get("PhotometricInterpretation", "")) in ("YBR_FULL", "YBR_FULL_422"):
             pixels = convert_color_space(pixels, str(ds.PhotometricInterpretation), "RGB")
         # YBR_ICT / YBR_RCT (JPEG 2000): the J2K decoders invert the component transform, the samples are RGB
-        return pixels
+        return pixels, False
     except Exception as exc:  # noqa: BLE001 - try GDCM next
         errors["pydicom"] = exc
     try:
@@ -155,7 +158,7 @@ def _decode_single_frame(path: Path, ds: pydicom.Dataset) -> np.ndarray:
         errors["GDCM"] = exc
         raise _undecodable(path, ds, errors) from exc
     logger.info("%s: decoded by GDCM (pydicom: %s)", path, errors.get("pydicom"))
-    return arr[0] if arr.ndim == 4 or (arr.ndim == 3 and samples == 1) else arr
+    return (arr[0] if arr.ndim == 4 or (arr.ndim == 3 and samples == 1) else arr), True
 
 
 def _decode_jpeg_rgb(ds: pydicom.Dataset) -> np.ndarray:
@@ -184,6 +187,8 @@ def _colour_to_uint8(rgb: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     if rgb.dtype.kind != "u":
         raise ImageError(f"colour DICOM with {rgb.dtype} samples is not supported")
     bits = int(ds.get("BitsStored", rgb.dtype.itemsize * 8) or rgb.dtype.itemsize * 8)
+    if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
+        bits = rgb.dtype.itemsize * 8  # palette entries are 16-bit, whatever the index depth
     return (rgb >> max(bits - 8, 0)).astype(np.uint8)
 
 
@@ -192,7 +197,7 @@ def _undecodable(path: Path, ds: pydicom.Dataset, errors: dict[str, Exception]) 
     decoder claims it, what to install; else each decoder's complaint."""
     syntax = _transfer_syntax(ds)
     name = f"{syntax.name} ({syntax})" if syntax.name != str(syntax) else str(syntax)
-    claimed = str(syntax) in _GDCM_SYNTAXES or not syntax.is_compressed or any(
+    claimed = str(syntax) in _GDCM_SYNTAXES or any(
         handler.is_available() and handler.supports_transfer_syntax(syntax)
         for handler in pydicom.config.pixel_data_handlers
     )
@@ -232,8 +237,7 @@ def load_dicom_series(folder: Path) -> Image:
     try:
         img = reader.Execute()
     except RuntimeError as exc:
-        raise ImageError(f"{folder}: cannot read DICOM series {uid} "
-                         f"(transfer syntax {_transfer_syntax(first).name}: {exc})") from exc
+        raise _undecodable(folder, first, {"GDCM": exc}) from exc
     if modality == "CT" and img.GetPixelID() not in (sitk.sitkInt16, sitk.sitkFloat32):
         img = sitk.Cast(img, sitk.sitkFloat32)
     affine = _exact_affine(folder, img, _plane_positions(headers), first)
