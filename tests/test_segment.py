@@ -209,3 +209,19 @@ def test_segment_rejects_an_impossible_output_format_before_running(tmp_path: Pa
     code = main(["segment", str(src), "--prompt", "x", "--policy", "hf:/nowhere", "--out", str(tmp_path / "m.png"),
                  "--trace", str(tmp_path / "t.jsonl")])
     assert code == 2 and "--out" in capsys.readouterr().err  # the format is checked before the (missing) policy
+
+
+def test_segment_records_the_modality_and_window_in_the_trace(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """CT stored as NIfTI gets the CT window by the automatic rule; --modality overrides it; the trace says which."""
+    src = Path(__file__).parent / "data" / "ct_window_nifti" / "nifti" / "ct.nii.gz"  # the field case
+    for modality, kind in ((None, "window"), ("MR", "percentile")):
+        trace = tmp_path / f"{modality}.jsonl"
+        args = ["segment", str(src), "--prompt", "Segment the liver lesion.", "--slice", "2", "--range", "2", "2",
+                "--max-steps", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "m.nii.gz"),
+                "--trace", str(trace)]
+        main(args + (["--modality", modality] if modality else []))
+        records = list(read_trajectories(trace))
+        assert records and all(r.window is not None and r.window["kind"] == kind for r in records)
+        assert records[0].modality == (modality or "CT")
+        assert f"modality {modality or 'CT'}" in capsys.readouterr().out

@@ -237,9 +237,9 @@ def load_image(path: str | os.PathLike[str], modality: str | None = None) -> Ima
             file, or a folder holding one DICOM series (sorted by slice position; the largest series if several).
         modality: overrides the modality read from the file (DICOM tags) or guessed. Without it, an image whose
             file names no modality (NIfTI, NRRD, PNG/JPEG/TIFF) is ``"RGB"`` when colour, ``"CT"`` when its values
-            look like Hounsfield units (:func:`ibisagent.imaging.windowing.looks_like_hounsfield`: air present and
-            95 % of the values in -1100..3100), ``""`` otherwise; the choice is logged. ``"CT"`` gets the CT window
-            on display (:func:`ibisagent.imaging.to_display_rgb`).
+            look like Hounsfield units (:func:`ibisagent.imaging.windowing.looks_like_hounsfield`: air, -1100..-700,
+            present and 95 % of the values in -1100..3100), ``""`` otherwise; the choice is logged. ``"CT"`` gets
+            the CT window on display (:func:`ibisagent.imaging.to_display_rgb`).
 
     Returns:
         An :class:`Image`; see the module docstring for axis orders.
@@ -291,7 +291,8 @@ def _guess_modality(image: Image) -> str | None:
     if colour or not looks_like_hounsfield(image.array):
         return None
     logger.info("%s: no modality in the file; the values look like CT in Hounsfield units (air present, 95 %% "
-                "within -1100..3100), so it is treated as CT (CT window); pass a modality to override", image.source)
+                "within -1100..3100 HU), so it is treated as CT and shown in the CT window; pass a modality to "
+                "override", image.source)
     return "CT"
 
 

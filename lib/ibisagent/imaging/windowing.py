@@ -26,7 +26,7 @@ PERCENTILES: tuple[float, float] = (0.5, 99.5)
 
 #: The automatic CT rule (:func:`looks_like_hounsfield`): the air band, the HU range of body tissue, and how much of
 #: a volume must fall in each.
-HU_AIR_BAND: tuple[float, float] = (-1100.0, -900.0)
+HU_AIR_BAND: tuple[float, float] = (-1100.0, -700.0)
 HU_RANGE: tuple[float, float] = (-1100.0, 3100.0)
 MIN_AIR_FRACTION = 0.005
 MIN_IN_RANGE_FRACTION = 0.95
@@ -72,7 +72,8 @@ def looks_like_hounsfield(values: np.ndarray) -> bool:
 
     True when the values are signed integers or floats and, ignoring voxels equal to the minimum (padding outside the
     scanner's field of view, e.g. -1024, -2048, -3024), at least :data:`MIN_AIR_FRACTION` (0.5 %) of them lie in the
-    air band :data:`HU_AIR_BAND` (-1100..-900 HU; air is -1000 HU) and at least :data:`MIN_IN_RANGE_FRACTION` (95 %)
+    air band :data:`HU_AIR_BAND` (-1100..-700 HU: air is -1000 HU, aerated lung -700..-900; a smoothed or
+    downsampled CT's air reads above -900) and at least :data:`MIN_IN_RANGE_FRACTION` (95 %)
     lie in :data:`HU_RANGE` (-1100..3100 HU, air to dense bone). MR, PET and pictures (non-negative, or
     intensity-normalised to a few units) fail the air test; wide symmetric ranges such as MR phase fail the range test.
     A CT crop without any air is not recognised: give the modality explicitly.
