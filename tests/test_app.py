@@ -133,6 +133,23 @@ def test_clicks_infer_covers_the_clicked_structure(server: Server, tmp_path: Pat
     assert iou(mask[:, :, k], liver[:, :, k]) > 0.5, result
 
 
+def test_replies_say_which_window_the_picture_used_and_a_request_can_set_the_modality(server: Server,
+                                                                                      tmp_path: Path) -> None:
+    """ct_volume.nii.gz names no modality: its Hounsfield values get the CT window; a request's modality wins."""
+    click = {"foreground": [[40, 40, 16]]}
+    _, auto = server.client(tmp_path).infer("ibisagent_clicks", "ct_volume", click)
+    assert auto["modality"] == "CT" and auto["window"] == {"kind": "window", "width": 400.0, "level": 40.0,
+                                                           "name": "soft_tissue"}
+    _, given = server.client(tmp_path).infer("ibisagent_clicks", "ct_volume", {**click, "modality": "MR"})
+    assert given["modality"] == "MR" and given["window"]["kind"] == "percentile"
+    _, agent = server.client(tmp_path).infer("ibisagent", "ct_volume",
+                                             {"instruction": "Segment the liver.", "max_steps": 1, "propagate": False})
+    assert agent["modality"] == "CT" and agent["window"]["kind"] == "window"
+    with pytest.raises(MONAILabelClientException) as info:
+        server.client(tmp_path).infer("ibisagent_clicks", "ct_volume", {**click, "modality": "../CT"})
+    assert _status(info.value) == 400
+
+
 def test_saving_a_final_label_appends_a_correction(server: Server, tmp_path: Path) -> None:
     client = server.client(tmp_path)
     _, result = client.infer("ibisagent", "ct_abdomen", {"instruction": "Segment the liver.", "max_steps": 1})
