@@ -22,7 +22,7 @@ from scipy import ndimage
 from ibisagent.metrics import iou
 
 if TYPE_CHECKING:
-    from ibisagent.tools.base import ImageSession
+    from ibisagent.tools.base import ImageSession, Prediction
 
 ErrorRule = Literal["peak", "area"]
 
@@ -163,6 +163,35 @@ class SimulatedStep:
     mask: np.ndarray
     iou: float
     seconds: float
+
+
+def predict_in_order(
+    session: ImageSession, clicks: Sequence[Click], prior_logits: np.ndarray | None = None
+) -> Prediction:
+    """The mask of a click sequence, the clicks applied one at a time: call ``n`` gets ``clicks[:n]`` and call
+    ``n - 1``'s logits, the same chaining as :func:`simulate` and the agent. Use it wherever a known list of clicks
+    becomes a mask (the app's ``ibisagent`` and ``ibisagent_clicks`` infer tasks), so the same clicks give the
+    same mask on every path and for every tool.
+
+    Args:
+        session: the tool's encoding of the image.
+        clicks: at least one click, pixel ``(x, y)`` in the encoded image, in the order they were made.
+        prior_logits: logits to start from (e.g. ``session.logits_from_mask(existing_mask)``), else ``None``.
+
+    Returns:
+        The last call's :class:`~ibisagent.tools.base.Prediction`.
+
+    Raises:
+        ValueError: for an empty ``clicks`` (and whatever the tool raises for a click outside the image).
+    """
+    if not clicks:
+        raise ValueError("predict_in_order needs at least one click")
+    logits = prior_logits
+    prediction = None
+    for n in range(1, len(clicks) + 1):
+        prediction = session.predict(list(clicks[:n]), logits)
+        logits = prediction.logits
+    return prediction
 
 
 #: Default stopping rule of simulation and evaluation (the issue's NoC protocol): IoU ≥ 0.90 or 20 clicks.
