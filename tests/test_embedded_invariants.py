@@ -2,9 +2,12 @@
 
 1. The pixel under every positive click is in the mask, under every negative click it is not (the last click on a
    pixel wins).
-2. Adding a positive click removes nothing of the previous mask outside the negative clicks' seed disks. The bound
-   is zero because a positive click is evidence *for* foreground only: the only evidence against a pixel is a
-   negative click, so a pixel can leave the mask only where a negative seed pins it to background.
+2. Adding a positive click removes at most 5 % (``POSITIVE_REMOVAL_BOUND``) of the previous mask outside the
+   negative clicks' seed disks. Why 5 %: a positive click is evidence *for* foreground only, so it must never make
+   the mask collapse (the field failure: IoU 0.32 -> 0.06 after a positive click); but it also re-estimates the
+   appearance model, and the cut may then tighten a boundary an earlier click let leak (a halo beside a thin
+   curve). 5 % is a one-pixel boundary shift of a 40 px-radius object (perimeter / area = 2 / r); a larger removal
+   is not a boundary correction, and the tool then keeps the previous mask whole.
 3. The same clicks give the same mask (and logits) given at once or one at a time with chained logits
    (:func:`ibisagent.clicks.predict_in_order`, the path of both app infer tasks).
 """
@@ -17,7 +20,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from ibisagent.clicks import Click, predict_in_order
-from ibisagent.tools.embedded import SEED_MAX_RADIUS, WORK_MAX_SIZE, EmbeddedTool
+from ibisagent.tools.embedded import POSITIVE_REMOVAL_BOUND, SEED_MAX_RADIUS, WORK_MAX_SIZE, EmbeddedTool
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -83,7 +86,7 @@ def test_clicked_pixels_have_the_clicks_sign(case):
 
 @SETTINGS
 @given(image_and_clicks(min_clicks=1, max_clicks=5), st.data())
-def test_a_positive_click_removes_nothing_outside_negative_seeds(case, data):
+def test_a_positive_click_removes_at_most_a_small_fraction_outside_negative_seeds(case, data):
     image, clicks = case
     h, w = image.shape[:2]
     session = EmbeddedTool().encode(image)
@@ -98,7 +101,9 @@ def test_a_positive_click_removes_nothing_outside_negative_seeds(case, data):
     for c in clicks:
         if not c.positive:
             negative_zone[max(c.y - reach, 0) : c.y + reach + 1, max(c.x - reach, 0) : c.x + reach + 1] = True
-    assert not (removed & ~negative_zone).any(), int((removed & ~negative_zone).sum())
+    outside = int((removed & ~negative_zone).sum())
+    assert POSITIVE_REMOVAL_BOUND <= 0.05
+    assert outside <= POSITIVE_REMOVAL_BOUND * int(before.mask.sum()), (outside, int(before.mask.sum()))
     assert after.mask[new.y, new.x]
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -62,6 +63,8 @@ def padded_distance(region: np.ndarray) -> np.ndarray:
 
     Computed on the region's bounding box with a one-pixel ring (exact: the ring holds the nearest non-region pixel
     of every box pixel, or stands for the image border), so the cost follows the error region, not the image.
+    OpenCV's exact Euclidean transform (``cv2.distanceTransform``, ``DIST_MASK_PRECISE``), several times faster than
+    ``scipy.ndimage.distance_transform_edt`` with the same distances.
 
     Args:
         region: (H, W) bool.
@@ -76,7 +79,8 @@ def padded_distance(region: np.ndarray) -> np.ndarray:
         return out
     box = boxes[0]
     padded = np.pad(region[box], 1, mode="constant", constant_values=False)
-    out[box] = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+    dist = cv2.distanceTransform(padded.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    out[box] = dist[1:-1, 1:-1]
     return out
 
 

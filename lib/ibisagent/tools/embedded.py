@@ -10,13 +10,20 @@ Method (histogram likelihood + geodesic veto of negative clicks + contrast-sensi
    never cross a boundary.
 3. Intensity unary (MONAI Label's scribbles recipe, ``monailabel.scribbles``): log-ratio of the positive-seed
    histogram to a background model = whole-image histogram + negative-seed histogram, both smoothed with a
-   Laplace kernel as wide as the noise, so an intermediate grey level goes to the nearer mode.
+   Laplace kernel as wide as the noise, so an intermediate grey level goes to the nearer mode. Targets made of
+   several tissues (grey blob-like seeds): positive clicks are grouped by the grey level they fell on
+   (:func:`tissue_groups`), each group has its own histogram and the unary is the maximum over groups, so clicks
+   on white matter, grey matter and CSF of one brain grow one mask over all three.
 4. Negative clicks veto geodesically: where the geodesic distance (``skimage.graph.MCP_Geometric`` on the
    gradient cost) to a negative seed is shorter than to a positive one, the unary is pushed to background, so a
    negative click removes only the wrongly included part it sits in.
 5. The previous call's logits enter as a weak soft unary (chaining); seeds are hard constraints; a 4-connected
    contrast-sensitive graph cut (``numpymaxflow.maxflow``) gives the mask; components without a positive click
    are dropped. Logits = unary magnitude with the mask's sign.
+6. Click invariants (property-tested in ``tests/test_embedded_invariants.py``): the pixel under each click has the
+   click's sign; a positive click removes at most :data:`POSITIVE_REMOVAL_BOUND` of the previous mask outside
+   negative seeds; clicks given at once (no prior) are applied one at a time with chained logits, so at once and
+   one by one give the same mask.
 
 Colour, thin structures, large images, speed:
 
@@ -24,7 +31,7 @@ Colour, thin structures, large images, speed:
   switched on only when the positive seeds sit on ridges (thin curves, rings; see ``GREY_RIDGE_WEIGHT``); with
   the gate off the result is exactly the grey-level-only one. Colour inputs get one histogram likelihood per
   principal component of RGB (decorrelated, summed naive-Bayes style and clipped) plus a signed ridge channel
-  (``skimage.filters.sato``, bright minus dark ridges, summed over channels), weighted ``RIDGE_WEIGHT``, so that
+  (:func:`fast_ridge` on each channel, summed), weighted ``RIDGE_WEIGHT``, so that
   vessels that show up only in the green channel are found. The graph-cut contrast then uses all three channels.
 * Images above ``WORK_MAX_SIZE`` px per side are processed on a grid downsampled by an integer factor (area
   mean); logits are upsampled bilinearly and the mask is ``logits > 0`` at full resolution.
@@ -119,6 +126,9 @@ ROI_MAX_FRACTION = 0.6
 #: Positive clicks whose median bins (of 64) differ by more than this are different tissues of one target, each
 #: with its own foreground histogram (:func:`tissue_groups`).
 GROUP_MERGE_BINS = 4.0
+#: A positive click may drop at most this fraction of the previous mask (outside negative seeds); beyond it, the
+#: previous mask is kept whole (see :func:`_settle`).
+POSITIVE_REMOVAL_BOUND = 0.05
 #: Per-session memo of per-click geodesic distances (entries), cleared when full.
 GEO_CACHE_SIZE = 512
 
@@ -272,7 +282,7 @@ def compute_features(image: np.ndarray) -> _Features:
         comps = (evecs.T @ centred).reshape(3, *smooth.shape[1:])
         channels = [_unit(comps[k]) for k in range(3) if np.sqrt(evals[k]) >= COLOUR_MIN_SD_FRACTION * np.sqrt(evals[0])]
         if RIDGE_WEIGHT > 0:
-            channels.append(_unit(ridge_feature(smooth)))
+            channels.append(_unit(sum(fast_ridge(ch) for ch in smooth)))
         grey = channels[0]
         per = [_likelihood_channel(ch) for ch in channels]
         all_bins = np.stack([p[0] for p in per])
@@ -358,11 +368,19 @@ def intensity_llr(
     """
     ridge_weight = feats.ridge_weight
     if feats.ridge_strength is not None:
-        frac = float((feats.ridge_strength[pos] >= 1.0).mean()) if pos.any() else 0.0
-        ridge_weight *= float(np.clip((frac - RIDGE_GATE_LO) / (RIDGE_GATE_HI - RIDGE_GATE_LO), 0.0, 1.0))
+        ridge_weight *= ridge_gate(feats, pos)
     if len(groups) < 2:
         return _pooled_llr(feats, pos, neg, ridge_weight)
     return np.max([_pooled_llr(feats, g, neg, ridge_weight) for g in groups], axis=0)
+
+
+def ridge_gate(feats: _Features, pos: np.ndarray) -> float:
+    """Grey images: the gate in [0, 1] of the ridge channel (fraction of positive-seed pixels on strong ridges,
+    mapped linearly from RIDGE_GATE_LO to RIDGE_GATE_HI); 1 for colour images."""
+    if feats.ridge_strength is None:
+        return 1.0
+    frac = float((feats.ridge_strength[pos] >= 1.0).mean()) if pos.any() else 0.0
+    return float(np.clip((frac - RIDGE_GATE_LO) / (RIDGE_GATE_HI - RIDGE_GATE_LO), 0.0, 1.0))
 
 
 def _pooled_llr(feats: _Features, fg_pixels: np.ndarray, neg: np.ndarray, ridge_weight: float) -> np.ndarray:
@@ -472,11 +490,19 @@ def cut_roi(unary: np.ndarray, anchor: np.ndarray) -> tuple[slice, slice] | None
 def _settle(
     mask: np.ndarray, logits: np.ndarray, clicks: Sequence[Click], keep: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Final (H, W) mask and logits: ``keep`` ((H, W) bool or None) added, the pixel under each click set to the
-    click's sign (the last click on a pixel wins), logits given at least :data:`LOGIT_MARGIN` of the mask's sign."""
+    """Final (H, W) mask and logits.
+
+    ``keep`` ((H, W) bool or None): after a positive click, the previous mask outside negative seeds. If the new
+    mask drops more than :data:`POSITIVE_REMOVAL_BOUND` of it, ``keep`` is added back whole, so a positive click
+    can tighten a leaked boundary but never make the mask collapse. Then the pixel under each click is set to the
+    click's sign (the last click on a pixel wins) and the logits get at least :data:`LOGIT_MARGIN` of the mask's
+    sign, so ``mask == logits > 0``.
+    """
     mask = mask.copy()
     if keep is not None:
-        mask |= keep
+        removed = keep & ~mask
+        if removed.sum() > POSITIVE_REMOVAL_BOUND * keep.sum():
+            mask |= keep
     for c in clicks:
         mask[c.y, c.x] = c.positive
     logits = np.where(mask, np.maximum(logits, LOGIT_MARGIN), np.minimum(logits, -LOGIT_MARGIN)).astype(np.float32)
@@ -543,7 +569,9 @@ class EmbeddedSession(ImageSession):
         pos, neg = seed_masks(clicks, f.edge_distance)
         prior_mask = prior > 0 if prior is not None else None
         fg_model = pos | (prior_mask & ~neg) if (prior_mask is not None and not pos.any()) else pos
-        groups = tissue_groups(f, clicks, pos) if pos.any() else []
+        # Tissue groups for grey blob-like targets only: on thin structures (ridge gate on) and colour images the
+        # clicks' grey levels vary along one structure, and one pooled histogram does better.
+        groups = tissue_groups(f, clicks, pos) if (f.ridge_strength is not None and ridge_gate(f, pos) == 0) else []
         unary = intensity_llr(f, fg_model, neg, groups)
         if neg.any() and pos.any():
             d_pos = self._click_distance([c for c in clicks if c.positive])
