@@ -1,6 +1,12 @@
 """Compare click-driven CPU segmenters for the ``embedded`` tool under the oracle click loop.
 
-Run: ``.venv/bin/python benchmarks/embedded_candidates.py [--quick] [--only NAME ...] [--sizes 256 512]``
+Run: ``.venv/bin/python benchmarks/embedded_candidates.py [--quick] [--only NAME ...] [--sizes 256 512]
+[--set comparison|wide] [--per-case] [--per-kind] [--baseline OLD_embedded.py]``
+
+``--set wide`` runs the wider set of :mod:`wide_cases` (real MR/CT with labels over several tissues, real T1 brain
+slices of :mod:`brain_mri`, organ phantoms with internal structure); ``--baseline`` runs another version of
+``embedded.py`` side by side as ``embedded (before)``; ``--per-kind`` adds a table per kind of case. Candidates:
+``embedded``, MONAI Label's scribbles graph cut, OpenCV GrabCut (mask initialisation), geodesic, random walker.
 
 Data (built here, reproducibly, no downloads):
 

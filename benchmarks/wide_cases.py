@@ -154,8 +154,8 @@ def kind_of(name: str) -> str:
     """The kind a case counts under in per-kind reports: the target part of the name without its digits, with the
     brain tissue classes and absent targets each their own kind."""
     target = name.split("/")[-1].rstrip("0123456789")
-    if target in ("wm", "gm", "brain", "absent"):
+    source = name.split("/")[0].rstrip("0123456789")
+    if target == "absent" or (source.startswith(("dipy", "anat_")) and target in ("wm", "gm", "brain")):
         return {"wm": "brain MRI: white matter", "gm": "brain MRI: grey matter", "brain": "brain MRI: whole brain",
                 "absent": "absent target"}[target]
-    source = name.split("/")[0].rstrip("0123456789")
     return f"{source}/{target}"
