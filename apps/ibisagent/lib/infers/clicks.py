@@ -1,7 +1,7 @@
 """Infer task ``ibisagent_clicks``: the user's own clicks straight to the tool (hand correction, no model).
 
-The clicks are fed in order, each tool call getting all clicks so far and the previous call's logits (the same
-chaining the agent and the click simulator use).
+The clicks are fed in order by :func:`ibisagent.clicks.predict_in_order`, each tool call getting all clicks so far
+and the previous call's logits (the same chaining the agent and the click simulator use).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from ibisagent.clicks import predict_in_order
 
 from .common import (
     Runtime,
@@ -51,11 +53,8 @@ class IbisClicksInfer(InferTask):
         try:
             session = self.runtime.tool().encode(rgb)
             encoded = time.perf_counter()
-            logits = None
             clicks = list(where.clicks)
-            for n in range(1, len(clicks) + 1):
-                prediction = session.predict(clicks[:n], logits)
-                logits = prediction.logits
+            prediction = predict_in_order(session, clicks)
         except Exception as exc:
             raise bad_request(f"tool failed: {type(exc).__name__}: {exc}", 500) from exc
         label_file = write_result(prediction.mask, image, where.slice, request, [target])
