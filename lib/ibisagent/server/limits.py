@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -21,6 +20,12 @@ RESERVED_PARAMS = frozenset({"image", "model", "label", "session", "save_label",
 
 #: Prefix of internal request keys (e.g. ``ibisagent_image_id``); never accepted from a client.
 INTERNAL_PREFIX = "ibisagent_"
+
+#: Request key under which the serving layer marks an ``image`` path it wrote itself (an upload, a session image).
+SERVER_INPUT_KEY = "ibisagent_server_input"
+
+#: The mark: an object no JSON request can carry, so a client cannot forge it.
+SERVER_INPUT = object()
 
 #: File name endings accepted for uploaded images and labels.
 UPLOAD_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm")
@@ -54,17 +59,9 @@ class ServerOptions:
     """Infer requests that may wait for a worker; more get 503 (retry later)."""
     max_upload_mb: int = 512
     """Largest request body in MiB (uploads of images and labels); larger gets 413 before it is read."""
-    max_instruction_chars: int = 500
-    """Longest instruction or target name in characters; longer gets 413."""
-    max_pixels: int = 64_000_000
-    """Most pixels (voxels) an image may have for an infer or a label save; more gets 413."""
     cors_origins: str = ""
     """Comma-separated browser origins (``https://viewer.hospital.org``) allowed to call the server; the server's own
     origin (its bundled OHIF) is always allowed. Empty: no other origin."""
-    policy_timeout: float = 120.0
-    """Overall seconds one policy call may take (``openai:`` policies), all retries and slow replies included."""
-    time_limit: float = 600.0
-    """Wall-clock seconds the agent may spend on one request (checked before each step; bounds a call in progress)."""
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> ServerOptions:
@@ -80,17 +77,12 @@ class ServerOptions:
             except ValueError as exc:
                 raise ValueError(f"--conf {f.name} {raw!r}: expected {kind.__name__}") from exc
         opts = cls(**values)
-        for name in ("infer_workers", "max_upload_mb", "max_instruction_chars", "max_pixels"):
+        for name in ("infer_workers", "max_upload_mb"):
             if getattr(opts, name) < 1:
                 raise ValueError(f"--conf {name} must be >= 1, got {getattr(opts, name)}")
-        if opts.infer_queue < 0 or not (opts.policy_timeout > 0 and opts.time_limit > 0):
-            raise ValueError("--conf infer_queue must be >= 0, policy_timeout and time_limit > 0")
+        if opts.infer_queue < 0:
+            raise ValueError(f"--conf infer_queue must be >= 0, got {opts.infer_queue}")
         return opts
-
-    @classmethod
-    def from_environment(cls) -> ServerOptions:
-        """From ``MONAI_LABEL_APP_CONF`` (the ``--conf`` values MONAI Label's start command exports)."""
-        return cls.from_conf(json.loads(os.environ.get("MONAI_LABEL_APP_CONF") or "{}"))
 
     @property
     def origins(self) -> tuple[str, ...]:

@@ -9,9 +9,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ibisagent.server.limits import check_text
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from .common import Runtime, bad_request, display_slice, load_request_image, request_clicks, slice_or_none, write_result
+from .common import (
+    Runtime,
+    bad_request,
+    display_slice,
+    load_request_image,
+    request_clicks,
+    request_result_extension,
+    slice_or_none,
+    write_result,
+)
 
 
 class IbisClicksInfer(InferTask):
@@ -32,11 +42,13 @@ class IbisClicksInfer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         start = time.perf_counter()
-        image = load_request_image(request["image"])
+        opts = self.runtime.options
+        target = check_text(str(request.get("target") or "target"), "target", opts.max_instruction_chars) or "target"
+        image = load_request_image(request["image"], opts.max_pixels)
+        request_result_extension(request, image)
         where = request_clicks(image, request)
         if not where.clicks:
             raise bad_request("no click on the image: send foreground/background voxel clicks [[i, j, k], ...]")
-        target = str(request.get("target") or "target")
         rgb = display_slice(image, where.slice)
         try:
             session = self.runtime.tool().encode(rgb)
