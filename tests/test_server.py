@@ -95,7 +95,8 @@ class Server:
     def __init__(self, url: str, studies: Path, tmp: Path, sessions: Path, proc: subprocess.Popen, log: Path):
         self.url, self.studies, self.tmp, self.sessions, self.proc, self.log = url, studies, tmp, sessions, proc, log
 
-    def infer(self, model: str, image: str, params: dict | str, timeout: float = 120, **kw: object) -> requests.Response:
+    def infer(self, model: str, image: str, params: dict | str, timeout: float = 120,
+              **kw: object) -> requests.Response:
         data = {"params": params if isinstance(params, str) else json.dumps(params)}
         return requests.post(f"{self.url}/infer/{model}", params={"image": image, "output": "json", **kw},
                              files={"params": (None, data["params"])}, timeout=timeout)
@@ -298,6 +299,12 @@ def test_logs_and_dataset_download_are_not_open_to_anonymous_clients(server: Ser
         r = requests.get(server.url + path, timeout=30, allow_redirects=False)
         assert r.status_code in (401, 403), (path, r.status_code)
         assert "app.log" not in r.text and "INFO" not in r.text
+
+
+def test_model_files_cannot_be_replaced_over_http(server: Server) -> None:
+    r = requests.put(f"{server.url}/model/ibisagent", files={"file": ("m.pt", b"evil")}, timeout=30)
+    assert r.status_code == 403, r.text
+    assert not list((ROOT / "apps" / "ibisagent" / "model").glob("ibisagent*.pt"))
 
 
 def test_only_configured_origins_may_call_from_a_browser(server: Server) -> None:

@@ -4,7 +4,7 @@ Wiring only: one task config per file in ``lib/configs`` (as MONAI Label's radio
 ``--conf`` (defaults in :class:`lib.infers.Options`), and the correction loop: when a ``final`` label is saved for an
 image the agent segmented, the correction becomes a trajectory in ``<studies>/ibisagent/corrections.jsonl``.
 
-    python -m monailabel.main start_server --app apps/ibisagent --studies STUDIES \\
+    python -m ibisagent.server --app apps/ibisagent --studies STUDIES \\
         --conf policy hf:/models/IBISAgent-7B --conf tool medsam2:/models/MedSAM2.pt --conf device cuda
 """
 

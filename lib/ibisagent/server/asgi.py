@@ -10,7 +10,7 @@ expose. MONAI Label is not changed; this layer
   label save with the same ``Idempotency-Key`` header gets the first reply again instead of being applied twice;
 * refuses request bodies above ``max_upload_mb`` with 413 before reading them;
 * closes ``/logs`` to everyone when authentication is off (MONAI Label's admin role guards it when on), and closes
-  the whole-dataset download and ``/reload``;
+  the whole-dataset download, ``/reload`` and model-file uploads (``PUT``/``DELETE /model/…``);
 * allows browser origins only from ``--conf cors_origins`` (plus the server's own origin): other origins get 403 and
   no CORS headers (MONAI Label answers any origin, with credentials);
 * removes server paths (temporary folder, studies, app, home) from error replies.
@@ -108,7 +108,7 @@ class Guard:
             return
         path = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        blocked = self._blocked(path)
+        blocked = self._blocked(path, scope.get("method", "GET"))
         if blocked:
             await _json(send, 403, blocked)
             return
@@ -127,8 +127,10 @@ class Guard:
             return
         await self.app(scope, self._limited(receive), self._replying(send, origin if cross else None))
 
-    def _blocked(self, path: str) -> str | None:
+    def _blocked(self, path: str, method: str) -> str | None:
         p = path.rstrip("/")
+        if p.startswith("/model") and method in ("PUT", "POST", "DELETE"):
+            return "model files cannot be uploaded or deleted over HTTP on this server"
         if p == "/logs" or p.startswith("/logs/"):
             return None if self.auth_enabled else "server logs are not served when authentication is off"
         if p == "/datastore/dataset":
