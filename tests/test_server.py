@@ -412,3 +412,26 @@ def test_kill_9_right_after_saves_never_stops_the_next_start(tmp_path: Path) -> 
         # SIGTERM stops the server cleanly (uvicorn re-raises the signal after its orderly shutdown)
         assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in (tmp_path / "server.log").read_text(errors="replace")
+
+
+def test_archives_with_links_or_absolute_members_are_refused(tmp_path: Path) -> None:
+    import zipfile
+
+    from ibisagent.server.limits import RequestError
+    from ibisagent.server.storage import check_archive
+
+    link = tmp_path / "link.tar"
+    with tarfile.open(link, "w") as tar:
+        info = tarfile.TarInfo("innocent")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    zipped = tmp_path / "abs.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("../../outside.txt", "x")
+    for archive in (link, zipped):
+        with pytest.raises(RequestError, match="archive refused"):
+            check_archive(archive, tmp_path / "dest")
+    fine = tmp_path / "fine.tar"
+    with tarfile.open(fine, "w") as tar:
+        tar.add(SAMPLES / "ct_abdomen.png", arcname="study/image.png")
+    check_archive(fine, tmp_path / "dest")  # a plain archive passes
