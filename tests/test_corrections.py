@@ -81,19 +81,34 @@ def test_store_appends_reads_and_counts(tmp_path: Path) -> None:
     assert store.count() == 3
 
 
-def test_torn_tail_is_skipped_and_never_rewritten(tmp_path: Path) -> None:
+def test_torn_tail_is_skipped_then_cut_and_earlier_records_never_rewritten(tmp_path: Path) -> None:
     path = tmp_path / "corrections.jsonl"
     store = CorrectionStore(path)
     store.append(_record(0))
+    whole = path.read_bytes()
     torn = _record(1).to_json()[:25].encode()
     with open(path, "ab") as fh:
         fh.write(torn)
     assert [r.id for r in store.read()] == ["case-000000"]
-    before = path.read_bytes()
     store.append(_record(2))
     after = path.read_bytes()
-    assert after.startswith(before)  # nothing rewritten in place
+    assert after.startswith(whole) and torn not in after  # the torn tail was cut, the complete record kept as is
     assert [r.id for r in store.read()] == ["case-000000", "case-000002"]
+    assert all(json.loads(line) for line in after.decode().splitlines())  # plain JSONL again
+
+
+def test_repair_cuts_only_the_torn_tail(tmp_path: Path) -> None:
+    path = tmp_path / "corrections.jsonl"
+    store = CorrectionStore(path)
+    assert store.repair() == 0  # no file yet
+    store.append(_record(0))
+    store.append(_record(1))
+    whole = path.read_bytes()
+    assert store.repair() == 0 and path.read_bytes() == whole
+    with open(path, "ab") as fh:
+        fh.write(b'{"id": "case-0000')
+    assert store.repair() == len(b'{"id": "case-0000')
+    assert path.read_bytes() == whole
 
 
 WRITER = textwrap.dedent("""

@@ -12,9 +12,10 @@ radiologist's; ``stop_reason`` is the simulator's (``iou_reached`` with no click
 accepted as it was).
 
 :class:`CorrectionStore` is an append-only JSONL file that survives crashes: every record is one complete line
-written with a single ``os.write`` on an ``O_APPEND`` descriptor and ``fsync``-ed; the file is never rewritten. A
-crash mid-write can leave a torn last line: readers skip it (a line counts only when it ends with a newline and
-parses as a record), and the next append starts on a fresh line, so the torn bytes stay behind as one skipped line.
+written with a single ``os.write`` on an ``O_APPEND`` descriptor and ``fsync``-ed; complete records are never
+rewritten. A crash mid-write can leave a torn last line (bytes after the last newline): :meth:`CorrectionStore.repair`
+(run when the app starts, and before every append) truncates it, so that the file stays plain JSONL for any reader;
+readers of this module skip a torn tail anyway.
 """
 
 from __future__ import annotations
@@ -116,23 +117,33 @@ class CorrectionStore:
     def append(self, record: TrajectoryRecord) -> None:
         """Append one record as one line: a single ``os.write`` on an ``O_APPEND`` descriptor, then ``fsync``.
 
-        If the file ends in a torn line (a crash mid-write), the new line is preceded by a newline so that it starts
-        fresh; the torn bytes are left in place and skipped by readers.
+        A torn last line (a crash mid-write) is truncated first (:meth:`repair`), so the new line starts fresh.
         """
         payload = (record.to_json() + "\n").encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                payload = b"\n" + payload
+            _truncate_torn_tail(fd, self.path)
             written = os.write(fd, payload)
             while written < len(payload):  # only on a signal or a full disk; finish the line rather than tear it
                 written += os.write(fd, payload[written:])
             os.fsync(fd)
         finally:
             os.close(fd)  # also releases the lock
+
+    def repair(self) -> int:
+        """Truncate a torn last line left by a crash mid-write (bytes after the last newline); earlier lines are never
+        touched. Returns the number of bytes removed (0 when the file is whole or absent)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return 0
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return _truncate_torn_tail(fd, self.path)
+        finally:
+            os.close(fd)
 
     def read(self) -> list[TrajectoryRecord]:
         """Every complete record, in append order (torn or corrupt lines are skipped with a warning)."""
@@ -169,3 +180,26 @@ class CorrectionStore:
                 continue
             if isinstance(obj, dict):
                 yield number, obj
+
+
+def _truncate_torn_tail(fd: int, path: Path) -> int:
+    """Cut the bytes after the last newline of the open file ``fd`` (held under an exclusive lock); returns how many."""
+    size = os.fstat(fd).st_size
+    if not size or os.pread(fd, 1, size - 1) == b"\n":
+        return 0
+    block = 1 << 16
+    end = size
+    while end > 0:
+        start = max(0, end - block)
+        chunk = os.pread(fd, end - start, start)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            keep = start + cut + 1
+            break
+        end = start
+    else:
+        keep = 0
+    os.ftruncate(fd, keep)
+    os.fsync(fd)
+    logger.warning("%s: removed a torn last line of %d bytes (interrupted write)", path, size - keep)
+    return size - keep

@@ -2,8 +2,11 @@
 
 Images go as PNG data URLs in ``image_url`` parts, so the server needs no access to our files. A batch runs as
 concurrent HTTP requests on a small thread pool (servers that batch — vLLM — batch them). Each request has one
-deadline, ``timeout`` seconds from its start, that covers every retry: a server that is down or stuck yields a
-:class:`PolicyError` naming the URL within ``timeout`` (plus a connect attempt), never a hang.
+overall deadline, ``timeout`` seconds from its start (or the earlier :attr:`GenerationOptions.deadline`), that covers
+connecting, every retry and reading the whole reply: a server that is down, stuck or dripping its reply one byte at a
+time yields a :class:`PolicyError` naming the URL at the deadline, never a hang. (httpx's own timeouts are per read:
+a reply that keeps trickling never trips them, so each exchange runs on an I/O thread the caller stops waiting for at
+the deadline; that thread drops the connection at its next chunk.)
 
 With ``stream=True`` the reply is read as server-sent events and the time to the first content chunk is reported as
 ``prefill_seconds`` (the rest as ``decode_seconds``); without streaming the whole latency is ``decode_seconds`` and
@@ -21,6 +24,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -135,6 +139,7 @@ class OpenAIPolicy(Policy):
             limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
         )
         self._pool: ThreadPoolExecutor | None = None
+        self._io_pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
     @classmethod
@@ -145,9 +150,10 @@ class OpenAIPolicy(Policy):
 
     def close(self) -> None:
         with self._pool_lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+            for pool in (self._pool, self._io_pool):
+                if pool is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._io_pool = None
         self._client.close()
 
     def __enter__(self) -> OpenAIPolicy:
@@ -162,13 +168,16 @@ class OpenAIPolicy(Policy):
         if not requests:
             return []
         bodies = [self._body(req.messages, options) for req in requests]
+        deadline = time.monotonic() + self.timeout
+        if options.deadline is not None:
+            deadline = min(deadline, options.deadline)
         if len(bodies) == 1 or self.concurrency == 1:
-            return [self._complete(b) for b in bodies]
+            return [self._complete(b, deadline) for b in bodies]
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-policy")
             pool = self._pool
-        futures = [pool.submit(self._complete, b) for b in bodies]
+        futures = [pool.submit(self._complete, b, deadline) for b in bodies]
         return [f.result() for f in futures]
 
     def _body(self, messages: Conversation, options: GenerationOptions) -> dict[str, Any]:
@@ -186,26 +195,18 @@ class OpenAIPolicy(Policy):
             body["stream"] = True
         return body
 
-    def _complete(self, body: dict[str, Any]) -> Generation:
+    def _complete(self, body: dict[str, Any], deadline: float) -> Generation:
+        """One request, all retries included, returning by ``deadline`` (``time.monotonic()``) or raising."""
         import httpx
 
         start = time.monotonic()
-        deadline = start + self.timeout
         last: str = "no attempt made"
         for attempt in range(self.retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            t = httpx.Timeout(remaining, connect=min(remaining, 10.0))
             try:
-                if self.stream:
-                    return self._complete_stream(body, t, deadline)
-                t0 = time.perf_counter()
-                resp = self._client.post(self.url, json=body, timeout=t)
-                elapsed = time.perf_counter() - t0
-                if resp.status_code != 200:
-                    raise _StatusError(resp.status_code, resp.text[:500])
-                return self._parse(resp.json(), elapsed)
+                return self._attempt(body, deadline)
             except _StatusError as exc:
                 last = str(exc)
                 if exc.status not in RETRY_STATUSES:
@@ -222,8 +223,44 @@ class OpenAIPolicy(Policy):
         waited = time.monotonic() - start
         raise PolicyError(
             f"{self.name}: no reply from {self.url} after {waited:.1f} s "
-            f"({self.retries + 1} attempts, timeout {self.timeout:g} s): {last}"
+            f"({self.retries + 1} attempts at most, timeout {self.timeout:g} s): {last}"
         )
+
+    def _attempt(self, body: dict[str, Any], deadline: float) -> Generation:
+        """One HTTP exchange on an I/O thread; the caller waits no later than ``deadline``."""
+        import httpx
+
+        with self._pool_lock:
+            if self._io_pool is None:
+                self._io_pool = ThreadPoolExecutor(max_workers=2 * self.concurrency, thread_name_prefix="openai-io")
+            pool = self._io_pool
+        future = pool.submit(self._exchange, body, deadline)
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            future.cancel()
+            raise httpx.ReadTimeout("no complete reply by the deadline") from None
+
+    def _exchange(self, body: dict[str, Any], deadline: float) -> Generation:
+        """POST ``body`` and read the whole reply, giving up at ``deadline`` (checked between received chunks)."""
+        import httpx
+
+        remaining = max(0.001, deadline - time.monotonic())
+        timeout = httpx.Timeout(remaining, connect=min(remaining, 10.0))
+        if self.stream:
+            return self._complete_stream(body, timeout, deadline)
+        t0 = time.perf_counter()
+        chunks: list[bytes] = []
+        with self._client.stream("POST", self.url, json=body, timeout=timeout) as resp:
+            for chunk in resp.iter_bytes():
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("reply exceeded the request deadline")
+                chunks.append(chunk)
+        elapsed = time.perf_counter() - t0
+        data = b"".join(chunks)
+        if resp.status_code != 200:
+            raise _StatusError(resp.status_code, data[:500].decode("utf-8", "replace"))
+        return self._parse(json.loads(data), elapsed)
 
     def _parse(self, data: dict[str, Any], elapsed: float) -> Generation:
         if "choices" not in data:

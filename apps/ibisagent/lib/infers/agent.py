@@ -12,6 +12,7 @@ import re
 import time
 from typing import Any
 
+from ibisagent.server.limits import check_text
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from .common import (
@@ -24,6 +25,7 @@ from .common import (
     load_request_image,
     request_clicks,
     request_modality,
+    request_result_extension,
     slice_or_none,
     write_result,
 )
@@ -62,18 +64,20 @@ class IbisAgentInfer(InferTask):
         from ibisagent.volume import segment_volume
 
         start = time.perf_counter()
+        opts = self.runtime.options
         instruction = request.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
             raise bad_request("missing instruction: send params {\"instruction\": \"Segment the ...\"}")
-        instruction = instruction.strip()
-        target = str(request.get("target") or "").strip() or target_from_instruction(instruction)
-        image = load_request_image(request["image"], request_modality(request, self.runtime.options.modality))
+        instruction = check_text(instruction, "instruction", opts.max_instruction_chars)
+        target = check_text(str(request.get("target") or ""), "target", opts.max_instruction_chars)
+        target = target or target_from_instruction(instruction)
+        max_steps = _max_steps(request.get("max_steps"), opts.max_steps)
+        image = load_request_image(request["image"], request_modality(request, opts.modality), opts.max_pixels)
+        request_result_extension(request, image)
         where = request_clicks(image, request)
         rgb = display_slice(image, where.slice)
         loaded = time.perf_counter()
 
-        opts = self.runtime.options
-        max_steps = _max_steps(request.get("max_steps"), opts.max_steps)
         try:
             session = self.runtime.tool().encode(rgb)
             encoded = time.perf_counter()
@@ -81,7 +85,8 @@ class IbisAgentInfer(InferTask):
             if where.clicks:
                 initial = {target: session.predict(list(where.clicks)).mask}
             policy = self.runtime.policy()
-            config = AgentConfig(max_steps=max_steps, history=opts.history)  # type: ignore[arg-type]
+            config = AgentConfig(max_steps=max_steps, history=opts.history,  # type: ignore[arg-type]
+                                 time_limit=opts.time_limit)
             if image.is_volume and _flag(request.get("propagate", True)):
                 volume = segment_volume(policy, self.runtime.tool(), image, instruction, [target],
                                         key_slice=where.slice, config=config, initial_masks=initial)
@@ -150,7 +155,7 @@ def _max_steps(value: Any, limit: int) -> int:
         return limit
     try:
         steps = int(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise bad_request(f"max_steps must be an integer, got {value!r}") from exc
     if not 1 <= steps:
         raise bad_request(f"max_steps must be >= 1, got {steps}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ibisagent.server.limits import check_text
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ibisagent.clicks import predict_in_order
@@ -21,6 +22,7 @@ from .common import (
     load_request_image,
     request_clicks,
     request_modality,
+    request_result_extension,
     slice_or_none,
     write_result,
 )
@@ -44,11 +46,13 @@ class IbisClicksInfer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         start = time.perf_counter()
-        image = load_request_image(request["image"], request_modality(request, self.runtime.options.modality))
+        opts = self.runtime.options
+        target = check_text(str(request.get("target") or "target"), "target", opts.max_instruction_chars) or "target"
+        image = load_request_image(request["image"], request_modality(request, opts.modality), opts.max_pixels)
+        request_result_extension(request, image)
         where = request_clicks(image, request)
         if not where.clicks:
             raise bad_request("no click on the image: send foreground/background voxel clicks [[i, j, k], ...]")
-        target = str(request.get("target") or "target")
         rgb = display_slice(image, where.slice)
         try:
             session = self.runtime.tool().encode(rgb)

@@ -30,6 +30,7 @@ from ibisagent.clicks import Click
 from ibisagent.data.trajectory import rle_decode, rle_encode
 from ibisagent.fileio import atomic_write_text
 from ibisagent.imaging import Image, ImageError, display_window, load_image, num_slices, slice_of, to_display_rgb
+from ibisagent.server.limits import check_finite, check_pixels, check_voxel, result_extension
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,14 @@ class Options:
     threads: int = 0
     """CPU threads for torch in this server process (0 = torch's default). On a shared or small CPU host set 1 per
     worker: oversubscribed threads made one infer swing from 0.9 s to 29 s in our measurements."""
+    policy_timeout: float = 120.0
+    """Overall seconds one call of a remote (``openai:``) policy may take, retries and slow replies included."""
+    time_limit: float = 600.0
+    """Wall-clock seconds of one agent trajectory (one slice); also bounds a remote policy call in progress."""
+    max_instruction_chars: int = 500
+    """Longest instruction or target name a request may send (longer: 413)."""
+    max_pixels: int = 64_000_000
+    """Most pixels (voxels) of an image to segment (more: 413)."""
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> Options:
@@ -70,14 +79,17 @@ class Options:
                 continue
             raw = conf[f.name]
             try:
-                values[f.name] = int(raw) if f.type in ("int", int) else str(raw)
+                kind = {"int": int, "float": float}.get(str(f.type), str)
+                values[f.name] = kind(raw)
             except ValueError as exc:
-                raise ValueError(f"--conf {f.name} {raw!r}: expected an integer") from exc
+                raise ValueError(f"--conf {f.name} {raw!r}: expected a number") from exc
         opts = cls(**values)
         if opts.history not in ("off", "full"):
             raise ValueError(f"--conf history must be 'off' or 'full', got {opts.history!r}")
         if opts.max_steps < 1 or opts.auto_train_every < 0 or opts.threads < 0:
             raise ValueError("--conf max_steps must be >= 1, auto_train_every and threads >= 0")
+        if min(opts.policy_timeout, opts.time_limit, opts.max_instruction_chars, opts.max_pixels) <= 0:
+            raise ValueError("--conf policy_timeout, time_limit, max_instruction_chars and max_pixels must be > 0")
         return opts
 
     def as_info(self) -> dict[str, Any]:
@@ -119,7 +131,8 @@ class Runtime:
                         logger.warning("policy 'tiny' is an UNTRAINED offline model: it shows the wiring, not "
                                        "useful masks; pass --conf policy hf:PATH (or openai:URL#MODEL, vllm:PATH)")
                     logger.info("building policy %s on %s", self.options.policy, self.options.device)
-                    self._policy = load_policy(self.options.policy, device=self.options.device)
+                    self._policy = load_policy(self.options.policy, device=self.options.device,
+                                               timeout=self.options.policy_timeout)
         return self._policy
 
     def _set_threads(self) -> None:
@@ -149,19 +162,6 @@ def check_name(value: Any, what: str) -> str:
     return value
 
 
-def server_side_input(path: str) -> bool:
-    """Whether ``path`` is a file MONAI Label itself wrote for this request (an uploaded file or a session image)."""
-    if not os.path.isabs(path) or not os.path.exists(path):
-        return False
-    real = os.path.realpath(path)
-    roots = [os.path.realpath(tempfile.gettempdir())]
-    from monailabel.config import settings
-
-    if settings.MONAI_LABEL_SESSION_PATH:
-        roots.append(os.path.realpath(settings.MONAI_LABEL_SESSION_PATH))
-    return any(real.startswith(root + os.sep) for root in roots)
-
-
 def request_modality(request: dict[str, Any], default: str) -> str | None:
     """The request's ``modality`` (``CT``, ``MR``, ...), else the server's ``--conf modality``; ``None`` = the file's."""
     value = request.get("modality")
@@ -172,11 +172,25 @@ def request_modality(request: dict[str, Any], default: str) -> str | None:
     return value
 
 
-def load_request_image(path: str, modality: str | None = None) -> Image:
+def load_request_image(path: str, modality: str | None = None, max_pixels: int | None = None) -> Image:
+    """The request's image (``modality`` overrides the file's); 415 when unreadable, 413 above ``max_pixels``, 422
+    when it holds NaN/Inf."""
     try:
-        return load_image(path, modality=modality)
+        image = load_image(path, modality=modality)
     except ImageError as exc:
-        raise bad_request(f"cannot read the image: {exc}", 415) from exc
+        message = str(exc).replace(str(path), os.path.basename(str(path)))
+        raise bad_request(f"cannot read the image: {message}", 415) from exc
+    if max_pixels is not None:
+        check_pixels(image.array.shape, max_pixels)
+    check_finite(image.array)
+    return image
+
+
+def request_result_extension(request: dict[str, Any], image: Image) -> str:
+    """The result file type the request asks for, checked against the image before any work (400 otherwise)."""
+    source = str(image.source)
+    return result_extension(request.get("result_extension"), is_volume=image.is_volume,
+                            is_dicom=os.path.isdir(source) or source.lower().endswith(".dcm"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,10 +199,7 @@ def load_request_image(path: str, modality: str | None = None) -> Image:
 
 def voxel_to_canonical(image: Image, voxel: Any) -> tuple[int, int, int]:
     """A client's voxel index ``[i, j, k]`` (``[i, j]`` for 2D) → canonical ``(z, y, x)``; 400 outside the image."""
-    try:
-        idx = [int(round(float(v))) for v in voxel]
-    except (TypeError, ValueError) as exc:
-        raise bad_request(f"click {voxel!r} is not a list of voxel indices [i, j, k]") from exc
+    idx = check_voxel(voxel)
     if len(idx) == 2:
         idx.append(0)
     if len(idx) != 3:
@@ -274,11 +285,7 @@ def write_result(mask: np.ndarray, image: Image, k: int, request: dict[str, Any]
     path of a new temporary file (MONAI Label deletes it after sending)."""
     from ibisagent.imaging import save_dicom_seg, save_mask_like
 
-    ext = str(request.get("result_extension") or ".nii.gz")
-    if not ext.startswith("."):
-        ext = "." + ext
-    if ext not in (".nii.gz", ".nii", ".nrrd", ".png", ".dcm"):
-        raise bad_request(f"result_extension {ext!r} is not supported (.nii.gz, .nii, .nrrd, .png, .dcm)")
+    ext = request_result_extension(request, image)
     fd, name = tempfile.mkstemp(prefix="ibisagent-", suffix=ext)
     os.close(fd)
     slice_arg = slice_or_none(image, k) if mask.ndim == 2 else None
