@@ -55,10 +55,7 @@ def load_policy(spec: str, device: str | None = None) -> Policy:
     if kind == "openai" and rest:
         from ibisagent.policies.openai import OpenAIPolicy
 
-        url, sep, model = rest.rpartition("#")
-        if not sep or not url or not model:
-            raise ValueError(f"openai policy spec must be openai:URL#MODEL, got {spec!r}")
-        return OpenAIPolicy(url, model)
+        return OpenAIPolicy.from_spec(rest)
     if kind == "vllm" and rest:
         from ibisagent.policies.vllm import VLLMPolicy
 
