@@ -11,7 +11,10 @@ from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from .common import Runtime, bad_request, display_slice, load_request_image, request_clicks, slice_or_none, write_result
+from ibisagent.imaging import Provenance
+from ibisagent.volume import slice_rgb
+
+from .common import Runtime, bad_request, load_request_image, request_clicks, slice_or_none, write_result
 
 
 class IbisClicksInfer(InferTask):
@@ -37,7 +40,7 @@ class IbisClicksInfer(InferTask):
         if not where.clicks:
             raise bad_request("no click on the image: send foreground/background voxel clicks [[i, j, k], ...]")
         target = str(request.get("target") or "target")
-        rgb = display_slice(image, where.slice)
+        rgb = slice_rgb(image, where.slice)
         try:
             session = self.runtime.tool().encode(rgb)
             encoded = time.perf_counter()
@@ -48,7 +51,8 @@ class IbisClicksInfer(InferTask):
                 logits = prediction.logits
         except Exception as exc:
             raise bad_request(f"tool failed: {type(exc).__name__}: {exc}", 500) from exc
-        label_file = write_result(prediction.mask, image, where.slice, request, [target])
+        label_file = write_result(prediction.mask, image, where.slice, request, [target],
+                                  Provenance(tool=self.runtime.options.tool, person=True))
         return label_file, {
             "label_names": {target: 1},
             "slice": slice_or_none(image, where.slice),
