@@ -13,12 +13,13 @@ from ibisagent.server.limits import check_text
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ibisagent.clicks import predict_in_order
+from ibisagent.imaging import Provenance
+from ibisagent.volume import slice_rgb
 
 from .common import (
     Runtime,
     bad_request,
     display_json,
-    display_slice,
     load_request_image,
     request_clicks,
     request_modality,
@@ -53,7 +54,7 @@ class IbisClicksInfer(InferTask):
         where = request_clicks(image, request)
         if not where.clicks:
             raise bad_request("no click on the image: send foreground/background voxel clicks [[i, j, k], ...]")
-        rgb = display_slice(image, where.slice)
+        rgb = slice_rgb(image, where.slice)
         try:
             session = self.runtime.tool().encode(rgb)
             encoded = time.perf_counter()
@@ -61,7 +62,8 @@ class IbisClicksInfer(InferTask):
             prediction = predict_in_order(session, clicks)
         except Exception as exc:
             raise bad_request(f"tool failed: {type(exc).__name__}: {exc}", 500) from exc
-        label_file = write_result(prediction.mask, image, where.slice, request, [target])
+        label_file = write_result(prediction.mask, image, where.slice, request, [target],
+                                  Provenance(tool=self.runtime.options.tool, person=True))
         return label_file, {
             "label_names": {target: 1},
             "slice": slice_or_none(image, where.slice),
