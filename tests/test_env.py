@@ -496,3 +496,12 @@ def test_a_correction_record_replays_from_its_starting_mask(session: ImageSessio
     env, observations = replay_records([record], IMAGE)
     assert len(observations) == len(record.steps) - 1 and env.stop_reason == record.stop_reason
     assert np.array_equal(observations[0].image, observation_image(IMAGE, [agent]))  # starts on the agent's mask
+
+
+def test_importing_the_figures_leaves_matplotlib_global_state_alone() -> None:
+    code = ("import sys, ibisagent.render; assert 'matplotlib.pyplot' not in sys.modules; "
+            "import matplotlib; assert matplotlib.rcParams._get_backend_or_none() is None; print('clean')")
+    env = {**os.environ, "PYTHONPATH": str(LIB)}
+    env.pop("MPLBACKEND", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "clean", done.stderr

@@ -447,6 +447,7 @@ class SegmentationEnv:
         self._history = [self.system, first]
         self._current = first
         self._repair_tail = []
+        self._observation = None
         return self.observation
 
     def step(self, text: str, *, timings: StepTimings | None = None) -> StepResult:
@@ -510,7 +511,12 @@ class SegmentationEnv:
 
     @property
     def observation(self) -> EnvObservation:
-        """What the policy is given for the next step (also valid after the end: the last one shown)."""
+        """What the policy is given for the next step (after the end: the state the episode ended in)."""
+        if self._observation is None:
+            self._observation = self._build_observation()
+        return self._observation
+
+    def _build_observation(self) -> EnvObservation:
         base = self._history if self.config.history == "full" else [self.system, self._current]
         messages = [*base, *self._repair_tail]
         state = Observation(
@@ -580,6 +586,7 @@ class SegmentationEnv:
         self._history: list[Message] = []
         self._current: Message = self.system
         self._repair_tail: list[Message] = []
+        self._observation: EnvObservation | None = None
 
     def _check_running(self) -> None:
         if not self._started:
@@ -759,6 +766,7 @@ class SegmentationEnv:
         if advance:
             self.attempt = 0
             self.step_index += 1
+        self._observation = None  # the state or the conversation changed
         result = StepResult(
             index=index, attempt=result_attempt, raw=raw, response=response, error=error, actions=actions,
             clicks=clicks, masks=self.masks, scores=self._scores(before), answer=answer, absent=absent,
