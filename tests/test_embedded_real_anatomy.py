@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from ibisagent.evaluate import run_oracle
 from ibisagent.tools.embedded import EmbeddedTool

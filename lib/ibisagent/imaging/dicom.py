@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from pydicom.encaps import defragment_data
 from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, convert_color_space
 from pydicom.uid import UID
 
-from .io import _LPS_TO_RAS, Image, ImageError, _volume_image, load_image, sitk_image_to_image
+from .io import _LPS_TO_RAS, Image, ImageError, _volume_image, sitk_image_to_image
 
 logger = logging.getLogger(__name__)
 
