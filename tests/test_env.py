@@ -147,7 +147,7 @@ def test_env_observation_is_what_run_agent_sent_the_policy(session: ImageSession
             return out
 
     recording = Recording(ScriptThenOracle(), size)
-    config = AgentConfig(max_steps=8, history=history)  # type: ignore[arg-type]
+    config = AgentConfig(max_steps=16, history=history)  # type: ignore[arg-type]
     trajectory = run_agent(recording, session, IMAGE, "Segment the disc.", ["disc"], config=config,
                            ground_truth={"disc": DISC})
     assert trajectory.stop_reason == "terminate" and len(recording.requests) >= 6
