@@ -28,3 +28,27 @@ def stop_group(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=STOP_GRACE_S)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: str | os.PathLike[str], timeout_s: float = 90) -> None:
+    """Poll ``url`` until it answers 200; raise ``RuntimeError`` with the log's tail if the process exits or the time
+    runs out."""
+    import time
+    from pathlib import Path
+
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            tail = Path(log).read_text(errors="replace").splitlines()[-40:]
+            raise RuntimeError(f"server exited with {proc.returncode}:\n" + "\n".join(tail))
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            tail = Path(log).read_text(errors="replace").splitlines()[-40:]
+            raise RuntimeError(f"server not ready after {timeout_s}s:\n" + "\n".join(tail))
+        time.sleep(0.3)

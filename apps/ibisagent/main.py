@@ -4,7 +4,7 @@ Wiring only: one task config per file in ``lib/configs`` (as MONAI Label's radio
 ``--conf`` (defaults in :class:`lib.infers.Options`), and the correction loop: when a ``final`` label is saved for an
 image the agent segmented, the correction becomes a trajectory in ``<studies>/ibisagent/corrections.jsonl``.
 
-    python -m monailabel.main start_server --app apps/ibisagent --studies STUDIES \\
+    python -m ibisagent.server --app apps/ibisagent --studies STUDIES \\
         --conf policy hf:/models/IBISAgent-7B --conf tool medsam2:/models/MedSAM2.pt --conf device cuda
 """
 
@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import lib.configs
-import numpy as np
 from monailabel.config import settings
-from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.utils.others.class_utils import get_class_names
 
-from lib.infers.common import Options, bad_request, check_name, display_slice, server_side_input
+from ibisagent.server.limits import SERVER_INPUT, SERVER_INPUT_KEY, ServerOptions, check_label_shape
+from ibisagent.server.storage import AtomicLocalDatastore, SafeSessions
+from lib.infers.common import Options, bad_request, check_name
+from lib.pacs import PacsDatastore
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,12 @@ logger = logging.getLogger(__name__)
 DATA_SUBDIR = "ibisagent"
 
 
-class CheckedDatastore(LocalDatastore):
-    """The local datastore with input checks before anything is stored: image ids and label tags must be plain names
-    (no path separators, no ``..``), uploaded images and labels must be readable images. Remembers, per thread, the
-    tag of the label just saved (``on_save_label`` is not told the tag)."""
+class CheckedDatastore(AtomicLocalDatastore):
+    """The local datastore (index written atomically, rebuilt when a kill left it corrupt) with input checks before
+    anything is stored: image ids and label tags must be plain names (no path separators, no ``..``), uploaded images
+    and labels must be readable images without NaN/Inf, a label must have its image's shape. Remembers, per thread,
+    the tag and the client's ``label_info`` (its ``client_id``) of the label just saved (``on_save_label`` is not told
+    them)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -51,26 +54,37 @@ class CheckedDatastore(LocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         check_name(image_id, "image id")
         check_name(label_tag, "label tag")
-        if not self.get_image_uri(image_id):
+        image_uri = self.get_image_uri(image_id)
+        if not image_uri:
             raise bad_request(f"unknown image id {image_id!r}", 404)
-        _check_image_file(label_filename, "label")
+        label = _check_image_file(label_filename, "label")
+        from ibisagent.imaging import load_image
+
+        check_label_shape(label.array.shape, load_image(image_uri).array.shape)
         self.saved.tag = label_tag
+        self.saved.info = dict(label_info or {})
         return super().save_label(image_id, label_filename, label_tag, label_info)
 
 
-def _check_image_file(path: str, what: str) -> None:
+def _check_image_file(path: str, what: str) -> Any:
+    """The uploaded file as an :class:`ibisagent.imaging.Image`; 415 when unreadable, 422 with NaN/Inf values. The
+    message names no server path."""
     from ibisagent.imaging import ImageError, load_image
+    from ibisagent.server.limits import check_finite
 
     try:
-        load_image(path)
+        image = load_image(path)
     except ImageError as exc:
-        name = os.path.basename(path)
-        raise bad_request(f"{what} rejected: not a readable image ({name}: {exc})", 415) from exc
+        reason = str(exc).replace(str(path), "the file")
+        raise bad_request(f"{what} rejected: not a readable image ({reason})", 415) from exc
+    check_finite(image.array)
+    return image
 
 
 class IbisAgentApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.options = Options.from_conf(conf)
+        self.server_options = ServerOptions.from_conf(conf)
         remote = studies.startswith(("http://", "https://"))
         self.data_dir = Path(app_dir, "model", DATA_SUBDIR) if remote else Path(studies, DATA_SUBDIR)
         self.model_dir = os.path.join(app_dir, "model")
@@ -85,6 +99,9 @@ class IbisAgentApp(MONAILabelApp):
             config.init(name, self.model_dir, conf, None, data_dir=str(self.data_dir))
             self.task_configs[name] = config
         logger.info("ibisagent options: %s; data in %s", self.options.as_info(), self.data_dir)
+        from ibisagent.corrections import CorrectionStore
+
+        CorrectionStore(self.data_dir / "corrections.jsonl").repair()
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="IBISAgent",
                          description="Agentic interactive segmentation: instruction → clicks → mask, with reasoning",
                          version="0.1.0")
@@ -93,13 +110,27 @@ class IbisAgentApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            return super().init_datastore()  # → _init_dicomweb_datastore below for a DICOMweb PACS
         return CheckedDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+
+    def _init_dicomweb_datastore(self) -> Datastore:
+        """A DICOMweb PACS: the configured modalities listed, final labels stored as ibisagent DICOM-SEG
+        (:class:`lib.pacs.PacsDatastore`). Google's Healthcare API keeps MONAI Label's own datastore."""
+        if "googleapis.com" in self.studies:
+            return super()._init_dicomweb_datastore()
+        config = self.task_configs["ibisagent"]
+        return PacsDatastore(self.studies, self.options.modality_list, config.outputs,  # type: ignore[attr-defined]
+                             self.options.tool)
+
+    def _download_dcmqi_tools(self) -> None:
+        """Nothing to download: DICOM-SEG is written with highdicom (MONAI Label fetches dcmqi from the internet
+        here, which fails offline)."""
+        logger.info("dcmqi not needed: DICOM-SEG is written with highdicom")
 
     def init_infers(self) -> dict[str, Any]:
         infers: dict[str, Any] = {}
@@ -116,30 +147,47 @@ class IbisAgentApp(MONAILabelApp):
                 trainers.update(tasks if isinstance(tasks, dict) else {name: tasks})
         return trainers
 
+    def _load_sessions(self, load: bool = False) -> Any:
+        """MONAI Label's sessions (when enabled), with uploaded archives unpacked only inside their folder."""
+        if not load:
+            return None
+        return SafeSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY)
+
     def info(self) -> dict[str, Any]:
         meta = super().info()
-        meta["config"] = {**meta.get("config", {}), "ibisagent": self.options.as_info()}
+        meta["config"] = {**meta.get("config", {}), "ibisagent": self.options.as_info(),
+                          "server": self.server_options.as_info()}
         return meta
 
     # ---- requests -----------------------------------------------------------------------------------------------
 
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
+        """Image ids resolve only inside the datastore: ``image`` must be a datastore id, unless the serving layer
+        (:mod:`ibisagent.server`) marked it as a file it wrote itself (an upload or a session image). Internal keys
+        (``ibisagent_*``) sent by a client are refused."""
+        request = dict(request)
+        server_input = request.pop(SERVER_INPUT_KEY, None) is SERVER_INPUT
+        internal = sorted(str(k) for k in request if str(k).startswith("ibisagent_"))
+        if internal:
+            raise bad_request(f"request keys {internal} are internal to the server and may not be sent")
         image = request.get("image")
-        if isinstance(image, str) and not server_side_input(image):
+        if not server_input:
             check_name(image, "image id")
             if not (datastore or self.datastore()).get_image_uri(image):
                 raise bad_request(f"unknown image id {image!r}", 404)
-            request = {**request, "ibisagent_image_id": image}
+            request["ibisagent_image_id"] = image
         return super().infer(request, datastore)
 
     def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
         super().on_save_label(image_id, label_id)
-        tag = getattr(getattr(self.datastore(), "saved", None), "tag", DefaultLabelTag.FINAL.value)
+        saved = getattr(self.datastore(), "saved", None)
+        tag = getattr(saved, "tag", DefaultLabelTag.FINAL.value)
         if tag != DefaultLabelTag.FINAL.value:
             return {"corrections_added": 0}
+        client_id = (getattr(saved, "info", None) or {}).get("client_id")
         try:
             with self._save_lock:
-                added, total = self._derive_corrections(image_id, label_id)
+                added, total = self._derive_corrections(image_id, label_id, client_id)
         except Exception as exc:  # the label is saved already; a failed derivation must not fail the save
             logger.exception("deriving the correction for %s failed", image_id)
             return {"corrections_added": 0, "corrections_error": f"{type(exc).__name__}: {exc}"}
@@ -150,8 +198,8 @@ class IbisAgentApp(MONAILabelApp):
             result["training"] = self.async_training("ibisagent_sft", None, enqueue=True)
         return result
 
-    def _derive_corrections(self, image_id: str, label_id: str) -> tuple[int, int]:
-        from ibisagent.corrections import CorrectionStore, correction_record
+    def _derive_corrections(self, image_id: str, label_id: str, client_id: str | None) -> tuple[int, int]:
+        from ibisagent.corrections import CorrectionStore, derive_corrections
         from ibisagent.imaging import load_image
 
         config = self.task_configs["ibisagent"]
@@ -161,23 +209,8 @@ class IbisAgentApp(MONAILabelApp):
             return 0, store.count()
         image = load_image(self.datastore().get_image_uri(image_id), modality=self.options.modality or None)
         label = load_image(self.datastore().get_label_uri(label_id, DefaultLabelTag.FINAL.value)).array
-        expected = image.array.shape if image.is_volume else image.array.shape[:2]
-        if label.shape != expected:
-            raise ValueError(f"saved label shape {label.shape} does not match image shape {expected}")
-        tool = config.runtime.tool()  # type: ignore[attr-defined]
-        added = 0
-        for k, entry in sorted(outputs.items()):
-            rgb = display_slice(image, k)
-            session = tool.encode(rgb)
-            plane = label[k] if image.is_volume else label
-            targets = entry["targets"]
-            for index, target in enumerate(targets):
-                final = plane == index + 1 if len(targets) > 1 else plane != 0
-                record = correction_record(
-                    rgb, entry["masks"][target], np.asarray(final), session, entry["instruction"], image_id,
-                    case_id=f"{image_id}:{k}" if image.is_volume else image_id, target=target,
-                    tool_name=entry["tool"], modality=image.modality, slice=k if image.is_volume else None,
-                )
-                store.append(record)
-                added += 1
-        return added, store.count()
+        records = derive_corrections(image, label, outputs, config.runtime.tool(), image_id,  # type: ignore[attr-defined]
+                                     client_id=client_id)
+        for record in records:
+            store.append(record)
+        return len(records), store.count()

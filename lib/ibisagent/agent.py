@@ -313,7 +313,7 @@ def run_agents(
         requests = [run.request() for run in active]
         start = time.perf_counter()
         try:
-            generations = policy.generate(requests, config.options)
+            generations = policy.generate(requests, _call_options(config, active))
             if len(generations) != len(requests):
                 raise PolicyError(f"policy {getattr(policy, 'name', type(policy).__name__)} returned "
                                   f"{len(generations)} replies for {len(requests)} requests")
@@ -325,6 +325,15 @@ def run_agents(
         for run, generation in zip(active, generations, strict=True):
             run.consume(generation, wall)
     return [run.result() for run in runs]
+
+
+def _call_options(config: AgentConfig, active: Sequence[_Run]) -> GenerationOptions:
+    """``config.options`` with a deadline at the earliest time limit of the ``active`` trajectories, so that the time
+    limit also bounds a policy call in progress (policies that honour :attr:`GenerationOptions.deadline`)."""
+    if config.time_limit is None:
+        return config.options
+    left = min(config.time_limit - (time.perf_counter() - run.started) for run in active)
+    return replace(config.options, deadline=time.monotonic() + max(0.0, left))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""DICOM in (single files with pydicom, series folders with SimpleITK/GDCM) and DICOM-SEG out (highdicom).
+"""DICOM in (single files with pydicom, series folders with SimpleITK/GDCM); DICOM-SEG out is :mod:`.seg`.
 
 Compressed pixel data: single-frame files are decoded by pydicom with its plug-ins (pylibjpeg with the libjpeg,
 openjpeg and rle plug-ins; Pillow), then by GDCM through SimpleITK; series and multi-frame files by GDCM. Colour
@@ -16,7 +16,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import SimpleITK as sitk
@@ -24,9 +23,7 @@ from PIL import Image as PILImage
 from pydicom.encaps import defragment_data
 from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, convert_color_space
 from pydicom.uid import UID
-from pydicom.sr.codedict import codes
 
-from ..fileio import atomic_path
 from .io import _LPS_TO_RAS, Image, ImageError, _volume_image, load_image, sitk_image_to_image
 
 logger = logging.getLogger(__name__)
@@ -34,7 +31,6 @@ logger = logging.getLogger(__name__)
 #: Values larger than this are not read when checking a stray DICOM file (pixel data stays on disk).
 PIXEL_DEFER_BYTES = 1024
 
-ALGORITHM_NAME = "ibisagent"
 
 #: Slice positions may stray this far (mm) from the straight, evenly stepped line through the first and last slice
 #: (or this fraction of the slice step, whichever is larger) before the series is refused as irregular.
@@ -397,111 +393,3 @@ def _check_slice_positions(folder: Path, headers: list[pydicom.Dataset]) -> None
     if np.any(np.abs(steps) < 1e-4) or np.ptp(steps) > max(1e-2, 0.05 * float(np.median(np.abs(steps)))):
         raise ImageError(f"{folder}: slice positions are not evenly spaced (missing or duplicate slices); "
                          f"steps between sorted slices range {steps.min():.3f}..{steps.max():.3f} mm")
-
-
-def save_dicom_seg(
-    mask: np.ndarray,
-    series_dir_or_file: str | os.PathLike[str],
-    path: str | os.PathLike[str],
-    label_names: Sequence[str],
-    slice: int | None = None,
-) -> Path:
-    """Write a binary DICOM Segmentation (one segment per label) referencing the source DICOM images.
-
-    Args:
-        mask: in the geometry of ``load_image(series_dir_or_file).array``: ``(Z, Y, X)`` for a series, ``(H, W)``
-            for a single-frame file, or ``(Y, X)`` of axial slice ``slice`` of a series. A bool array is one segment;
-            an integer array is a label map whose value ``i`` (1..len(label_names)) is segment ``label_names[i-1]``.
-        series_dir_or_file: the DICOM series folder or file the mask was drawn on.
-        path: output ``.dcm`` file (written atomically).
-        label_names: one name per segment.
-        slice: axial slice index when ``mask`` is 2D and the source is a volume.
-
-    Returns:
-        ``path``.
-    """
-    image = load_image(series_dir_or_file)
-    if not image.dicom_files:
-        raise ImageError(f"{image.source}: DICOM-SEG needs a DICOM source, got a non-DICOM image")
-    labels = _label_map(np.asarray(mask), image, slice, len(label_names))
-    if image.is_volume:
-        frames = image.geometry.to_source(labels).transpose(2, 1, 0)  # (stored k, rows, cols) = file order
-    else:
-        frames = labels[None]
-    sources = [_read_dataset(f) for f in image.dicom_files]
-    if len(sources) == 1 and frames.shape[0] == 1:
-        frames = frames[0]
-    pixel_array = frames.astype(bool) if len(label_names) == 1 else frames.astype(np.uint16)
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=ALGORITHM_NAME, version=_version(), family=codes.cid7162.ArtificialIntelligence
-    )
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=i,
-            segment_label=name,
-            segmented_property_category=codes.cid7150.Tissue,
-            segmented_property_type=codes.SCT.Tissue,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
-            algorithm_identification=algorithm,
-        )
-        for i, name in enumerate(label_names, start=1)
-    ]
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=900,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=ALGORITHM_NAME,
-        manufacturer_model_name=ALGORITHM_NAME,
-        software_versions=_version(),
-        device_serial_number="0",
-        omit_empty_frames=bool(np.any(pixel_array)),
-    )
-    with atomic_path(path) as tmp:
-        seg.save_as(str(tmp))
-    return Path(path)
-
-
-def _label_map(mask: np.ndarray, image: Image, slice: int | None, n_labels: int) -> np.ndarray:
-    """Validate ``mask`` against ``image`` and return a full-size uint16 label map in canonical orientation."""
-    if n_labels < 1:
-        raise ValueError("label_names must name at least one segment")
-    if mask.dtype == bool:
-        values = mask.astype(np.uint16)
-    elif mask.dtype.kind in "iu":
-        values = mask.astype(np.int64)
-        if values.min() < 0 or values.max() > n_labels:
-            raise ImageError(f"{image.source}: label map values must lie in 0..{n_labels} "
-                             f"(one per label name), got {values.min()}..{values.max()}")
-        values = values.astype(np.uint16)
-    else:
-        raise ImageError(f"{image.source}: mask must be bool or an integer label map, got dtype {mask.dtype}")
-    target_shape = image.array.shape if image.is_volume else image.array.shape[:2]
-    if image.is_volume and values.ndim == 2:
-        if slice is None:
-            raise ImageError(f"{image.source}: a 2D mask for a volume needs the slice index")
-        if not 0 <= slice < target_shape[0]:
-            raise ImageError(f"{image.source}: slice {slice} out of range 0..{target_shape[0] - 1}")
-        full = np.zeros(target_shape, dtype=np.uint16)
-        full[slice] = _check_shape(values, target_shape[1:], image)
-        return full
-    return _check_shape(values, target_shape, image)
-
-
-def _check_shape(values: np.ndarray, shape: tuple[int, ...], image: Image) -> np.ndarray:
-    if tuple(values.shape) != tuple(shape):
-        raise ImageError(f"{image.source}: mask shape {tuple(values.shape)} does not match image shape {tuple(shape)}")
-    return values
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("ibisagent")
-    except Exception:
-        return "0"

@@ -44,9 +44,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("IBISAGENT_CACHE", Path.home() / ".cache" / "ibisagent"))
 
 
-def load_policy(spec: str, device: str | None = None) -> Policy:
+def load_policy(spec: str, device: str | None = None, timeout: float | None = None) -> Policy:
     """Build a policy from its spec (see the module docstring). ``oracle`` is not built here: it needs the case's
-    ground truth (:class:`ibisagent.policies.oracle.OraclePolicy`)."""
+    ground truth (:class:`ibisagent.policies.oracle.OraclePolicy`). ``timeout``: overall seconds per call of a remote
+    (``openai:``) policy, default that policy's own."""
     kind, _, rest = spec.partition(":")
     if kind == "hf" and rest:
         from ibisagent.policies.hf import HFPolicy
@@ -55,10 +56,7 @@ def load_policy(spec: str, device: str | None = None) -> Policy:
     if kind == "openai" and rest:
         from ibisagent.policies.openai import OpenAIPolicy
 
-        url, sep, model = rest.rpartition("#")
-        if not sep or not url or not model:
-            raise ValueError(f"openai policy spec must be openai:URL#MODEL, got {spec!r}")
-        return OpenAIPolicy(url, model)
+        return OpenAIPolicy.from_spec(rest) if timeout is None else OpenAIPolicy.from_spec(rest, timeout=timeout)
     if kind == "vllm" and rest:
         from ibisagent.policies.vllm import VLLMPolicy
 

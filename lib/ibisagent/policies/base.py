@@ -33,6 +33,9 @@ class GenerationOptions:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    deadline: float | None = None
+    """``time.monotonic()`` instant by which a call must return (the agent's time limit); ``None`` = the policy's own
+    timeout only. Policies that cannot stop a call in progress may ignore it."""
 
 
 @dataclass(frozen=True)

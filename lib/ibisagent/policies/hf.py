@@ -191,6 +191,8 @@ class HFPolicy(Policy):
         else:
             # Silence the checkpoint's sampling defaults (Qwen ships temperature/top_p/top_k in generation_config).
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        if options.deadline is not None:  # the agent's time limit: stop decoding there (transformers' MaxTimeCriteria)
+            gen_kwargs["max_time"] = max(0.01, options.deadline - time.monotonic())
 
         with self._lock:
             try:

@@ -2,12 +2,20 @@
 
 Images go as PNG data URLs in ``image_url`` parts, so the server needs no access to our files. A batch runs as
 concurrent HTTP requests on a small thread pool (servers that batch — vLLM — batch them). Each request has one
-deadline, ``timeout`` seconds from its start, that covers every retry: a server that is down or stuck yields a
-:class:`PolicyError` naming the URL within ``timeout`` (plus a connect attempt), never a hang.
+overall deadline, ``timeout`` seconds from its start (or the earlier :attr:`GenerationOptions.deadline`), that covers
+connecting, every retry and reading the whole reply: a server that is down, stuck or dripping its reply one byte at a
+time yields a :class:`PolicyError` naming the URL at the deadline, never a hang. (httpx's own timeouts are per read:
+a reply that keeps trickling never trips them, so each exchange runs on an I/O thread the caller stops waiting for at
+the deadline; that thread drops the connection at its next chunk.)
 
 With ``stream=True`` the reply is read as server-sent events and the time to the first content chunk is reported as
 ``prefill_seconds`` (the rest as ``decode_seconds``); without streaming the whole latency is ``decode_seconds`` and
 ``prefill_seconds`` is 0.
+
+Servers started with a reasoning parser (``vllm serve --reasoning-parser …``, SGLang's ``--reasoning-parser``) split the
+``<think>`` block out of the reply into ``message.reasoning_content`` (streamed: ``delta.reasoning_content``; newer
+vLLM and some gateways name it ``reasoning``, Ollama ``thinking``) and leave the rest in ``content``.
+:func:`rebuild_turn` puts the turn back together in the action grammar, so a split reply parses as the unsplit one.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,14 +41,83 @@ from ibisagent.policies.base import Conversation, Generation, GenerationOptions,
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
+#: Reply fields that carry the split-out reasoning, in the order they are read (vLLM < 0.10 and SGLang; vLLM ≥ 0.10
+#: and OpenRouter; Ollama).
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+
+_THINK_OPEN = "<think>"
+_THINK_CLOSE = "</think>"
+_TURN_TAGS = ("<action>", "<answer>")
+
+
 def parse_openai_spec(rest: str) -> tuple[str, str]:
-    """``URL#MODEL`` (the part after ``openai:``) → ``(base_url, model)``. The model may be empty (server default)."""
+    """``URL#MODEL`` (the part after ``openai:``) → ``(base_url, model)``, the one parser of this spec.
+
+    The URL ends at the first ``#`` (a URL's fragment means nothing to an API), so a model name may itself contain
+    ``#``. The model may be empty (the server's default model). The base URL is normalised by
+    :func:`normalise_base_url` (``/v1`` added to a bare host, kept when given).
+
+    Raises:
+        ValueError: no URL.
+    """
     url, sep, model = rest.partition("#")
-    if not url:
+    if not url.strip():
         raise ValueError(f"openai policy spec needs a URL: 'openai:URL#MODEL', got 'openai:{rest}'")
-    if not sep:
-        model = ""
-    return url, model
+    return normalise_base_url(url), model.strip() if sep else ""
+
+
+def _strip_think_tags(text: str) -> str:
+    return text.replace(_THINK_OPEN, "").replace(_THINK_CLOSE, "").strip()
+
+
+def rebuild_turn(content: str | None, reasoning: str | None) -> str:
+    """The model's whole turn from a reasoning-parser reply: ``<think>reasoning</think>`` followed by ``content``.
+
+    Handles every shape servers produce:
+
+    - no reasoning: ``content`` unchanged;
+    - the split shape (reasoning without tags, the action in ``content``): joined;
+    - the think block in both fields (servers that also echo it): ``content`` is kept, the copy is not repeated;
+    - ``content`` empty, everything in the reasoning (the model never closed ``</think>``, so the parser kept the
+      action inside the reasoning): split at the first ``<action>`` / ``<answer>`` tag;
+    - ``content`` starting after a lone ``</think>`` (chat templates that open ``<think>`` in the prompt).
+
+    Args:
+        content: ``message.content`` (or the joined ``delta.content``); ``None`` counts as empty.
+        reasoning: the reasoning field's text; ``None`` or empty when the server has no reasoning parser.
+
+    Returns:
+        One string in the action grammar (:mod:`ibisagent.protocol`), for the lenient parser.
+    """
+    content = content or ""
+    reasoning = reasoning or ""
+    if not reasoning.strip():
+        if _THINK_CLOSE in content and _THINK_OPEN not in content:
+            return _THINK_OPEN + "\n" + content.strip()
+        return content
+    if _THINK_OPEN in content:  # the think block is in the content already: the reasoning is a copy
+        return content
+    think = _strip_think_tags(reasoning)
+    rest = content
+    if _THINK_CLOSE in rest:  # "…more reasoning</think><action>…"
+        more, _, rest = rest.partition(_THINK_CLOSE)
+        think = (think + "\n" + more.strip()).strip()
+    if not rest.strip():
+        cuts = [i for i in (think.find(tag) for tag in _TURN_TAGS) if i >= 0]
+        if cuts:
+            cut = min(cuts)
+            think, rest = think[:cut].strip(), think[cut:]
+    return f"{_THINK_OPEN}\n{think}\n{_THINK_CLOSE}\n{rest.strip()}"
+
+
+def reasoning_of(message: dict[str, Any]) -> str:
+    """The split-out reasoning of a reply ``message`` or stream ``delta`` (the first of :data:`REASONING_FIELDS` that
+    holds text), or ``""``."""
+    for name in REASONING_FIELDS:
+        value = message.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 def normalise_base_url(url: str) -> str:
@@ -135,6 +213,7 @@ class OpenAIPolicy(Policy):
             limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
         )
         self._pool: ThreadPoolExecutor | None = None
+        self._io_pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
     @classmethod
@@ -145,9 +224,10 @@ class OpenAIPolicy(Policy):
 
     def close(self) -> None:
         with self._pool_lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+            for pool in (self._pool, self._io_pool):
+                if pool is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._io_pool = None
         self._client.close()
 
     def __enter__(self) -> OpenAIPolicy:
@@ -162,13 +242,16 @@ class OpenAIPolicy(Policy):
         if not requests:
             return []
         bodies = [self._body(req.messages, options) for req in requests]
+        deadline = time.monotonic() + self.timeout
+        if options.deadline is not None:
+            deadline = min(deadline, options.deadline)
         if len(bodies) == 1 or self.concurrency == 1:
-            return [self._complete(b) for b in bodies]
+            return [self._complete(b, deadline) for b in bodies]
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-policy")
             pool = self._pool
-        futures = [pool.submit(self._complete, b) for b in bodies]
+        futures = [pool.submit(self._complete, b, deadline) for b in bodies]
         return [f.result() for f in futures]
 
     def _body(self, messages: Conversation, options: GenerationOptions) -> dict[str, Any]:
@@ -186,26 +269,18 @@ class OpenAIPolicy(Policy):
             body["stream"] = True
         return body
 
-    def _complete(self, body: dict[str, Any]) -> Generation:
+    def _complete(self, body: dict[str, Any], deadline: float) -> Generation:
+        """One request, all retries included, returning by ``deadline`` (``time.monotonic()``) or raising."""
         import httpx
 
         start = time.monotonic()
-        deadline = start + self.timeout
         last: str = "no attempt made"
         for attempt in range(self.retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            t = httpx.Timeout(remaining, connect=min(remaining, 10.0))
             try:
-                if self.stream:
-                    return self._complete_stream(body, t, deadline)
-                t0 = time.perf_counter()
-                resp = self._client.post(self.url, json=body, timeout=t)
-                elapsed = time.perf_counter() - t0
-                if resp.status_code != 200:
-                    raise _StatusError(resp.status_code, resp.text[:500])
-                return self._parse(resp.json(), elapsed)
+                return self._attempt(body, deadline)
             except _StatusError as exc:
                 last = str(exc)
                 if exc.status not in RETRY_STATUSES:
@@ -222,14 +297,51 @@ class OpenAIPolicy(Policy):
         waited = time.monotonic() - start
         raise PolicyError(
             f"{self.name}: no reply from {self.url} after {waited:.1f} s "
-            f"({self.retries + 1} attempts, timeout {self.timeout:g} s): {last}"
+            f"({self.retries + 1} attempts at most, timeout {self.timeout:g} s): {last}"
         )
+
+    def _attempt(self, body: dict[str, Any], deadline: float) -> Generation:
+        """One HTTP exchange on an I/O thread; the caller waits no later than ``deadline``."""
+        import httpx
+
+        with self._pool_lock:
+            if self._io_pool is None:
+                self._io_pool = ThreadPoolExecutor(max_workers=2 * self.concurrency, thread_name_prefix="openai-io")
+            pool = self._io_pool
+        future = pool.submit(self._exchange, body, deadline)
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            future.cancel()
+            raise httpx.ReadTimeout("no complete reply by the deadline") from None
+
+    def _exchange(self, body: dict[str, Any], deadline: float) -> Generation:
+        """POST ``body`` and read the whole reply, giving up at ``deadline`` (checked between received chunks)."""
+        import httpx
+
+        remaining = max(0.001, deadline - time.monotonic())
+        timeout = httpx.Timeout(remaining, connect=min(remaining, 10.0))
+        if self.stream:
+            return self._complete_stream(body, timeout, deadline)
+        t0 = time.perf_counter()
+        chunks: list[bytes] = []
+        with self._client.stream("POST", self.url, json=body, timeout=timeout) as resp:
+            for chunk in resp.iter_bytes():
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("reply exceeded the request deadline")
+                chunks.append(chunk)
+        elapsed = time.perf_counter() - t0
+        data = b"".join(chunks)
+        if resp.status_code != 200:
+            raise _StatusError(resp.status_code, data[:500].decode("utf-8", "replace"))
+        return self._parse(json.loads(data), elapsed)
 
     def _parse(self, data: dict[str, Any], elapsed: float) -> Generation:
         if "choices" not in data:
             raise KeyError(f"no 'choices' in {json.dumps(data)[:300]}")
         choice = data["choices"][0]
-        text = choice["message"].get("content") or ""
+        message = choice["message"]
+        text = rebuild_turn(message.get("content"), reasoning_of(message))
         usage = data.get("usage") or {}
         return Generation(
             text=text,
@@ -244,6 +356,7 @@ class OpenAIPolicy(Policy):
         t0 = time.perf_counter()
         first: float | None = None
         pieces: list[str] = []
+        thoughts: list[str] = []
         chunks = 0
         usage: dict[str, Any] = {}
         finish = None
@@ -266,17 +379,19 @@ class OpenAIPolicy(Policy):
                 model = data.get("model", model)
                 usage = data.get("usage") or usage
                 for choice in data.get("choices") or []:
-                    delta = (choice.get("delta") or {}).get("content")
-                    if delta:
+                    delta = choice.get("delta") or {}
+                    text, thought = delta.get("content"), reasoning_of(delta)
+                    if text or thought:
                         if first is None:
                             first = time.perf_counter()
-                        pieces.append(delta)
+                        pieces.append(text or "")
+                        thoughts.append(thought)
                         chunks += 1
                     finish = choice.get("finish_reason") or finish
         t1 = time.perf_counter()
         first = first if first is not None else t1
         return Generation(
-            text="".join(pieces),
+            text=rebuild_turn("".join(pieces), "".join(thoughts)),
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or chunks),
             prefill_seconds=first - t0,
