@@ -141,3 +141,19 @@ def test_eval_uses_the_manifest_modality_and_the_automatic_rule(tmp_path: Path) 
     assert cases["as_auto"]["iou"] > 0.9 and cases["as_CT"]["iou"] > 0.9 and cases["as_MR"]["iou"] < 0.5
     windows = {r.id: r.window["kind"] for r in read_trajectories(tmp_path / "out" / "trajectories.jsonl")}
     assert windows == {"as_auto": "window", "as_CT": "window", "as_MR": "percentile"}
+
+
+def test_a_full_field_of_view_ct_slice_with_padding_saved_as_nifti_is_ct(tmp_path: Path) -> None:
+    """pydicom-data's 693_UNCR (512 x 512 CT, -3024 HU outside the reconstruction circle) as a 2D NIfTI."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("data_store")
+    source = Path(spec.origin).parent / "data" / "693_UNCR.dcm" if spec and spec.origin else None
+    if source is None or not source.is_file():
+        pytest.skip("pydicom-data (the dev extra) is not installed")
+    dicom = load_image(source)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(dicom.array.T.astype(np.int16), np.diag([-0.7, -0.7, 1.0, 1.0])), str(path))  # 2D: as stored
+    image = load_image(path)
+    assert image.modality == "CT" and not image.is_volume
+    assert np.array_equal(to_display_rgb(image.array, image.modality), to_display_rgb(dicom.array, "CT"))

@@ -271,3 +271,30 @@ def test_a_series_in_a_syntax_nothing_here_decodes_says_what_to_do(tmp_path: Pat
         ds.save_as(str(folder / f"s{k}.dcm"))
     with pytest.raises(ImageError, match="MPEG2.*video"):
         load_image(folder)
+
+
+def test_jpeg_ls_near_lossless_loads_as_file_and_series_within_its_error_bound(tmp_path: Path) -> None:
+    """A syntax no installed test file has: MR_small re-encoded as JPEG-LS near-lossless (NEAR = 2) with pillow-jpls
+    (the dev extra), as a single file (pydicom + pylibjpeg-libjpeg) and as a series (GDCM / CharLS)."""
+    import io
+
+    from PIL import Image as PILImage
+
+    pytest.importorskip("pillow_jpls")
+    ds = pydicom.dcmread(str(dicom_testfile("MR_small.dcm")))
+    stored = ds.pixel_array
+    assert stored.min() >= 0  # JPEG-LS codes it as unsigned
+    buffer = io.BytesIO()
+    PILImage.fromarray(stored.astype(np.uint16)).save(buffer, format="JPEG-LS", near_lossless=2)
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.81")
+    ds.PixelRepresentation = 0
+    ds.is_implicit_VR, ds.is_little_endian = False, True
+    path = tmp_path / "near_lossless.dcm"
+    ds.save_as(str(path))
+    want = load_image(dicom_testfile("MR_small.dcm")).array.astype(int)
+    single = load_image(path).array.astype(int)
+    assert 0 < np.abs(single - want).max() <= 2  # lossy, within NEAR
+    series = load_image(_series_of(path, tmp_path / "series")).array.astype(int)
+    assert all(np.array_equal(series[k], single) for k in range(3))

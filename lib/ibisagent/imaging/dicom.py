@@ -119,8 +119,9 @@ def load_dicom_file(path: Path) -> Image:
 
 
 def _transfer_syntax(ds: pydicom.Dataset) -> UID:
+    """The file's transfer syntax (Implicit VR Little Endian, DICOM's default, when the file meta has none)."""
     meta = getattr(ds, "file_meta", None)
-    return UID(str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))) if meta is not None else UID("1.2.840.10008.1.2")
+    return UID(str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2") if meta is not None else "1.2.840.10008.1.2"))
 
 
 def _decode_single_frame(path: Path, ds: pydicom.Dataset) -> tuple[np.ndarray, bool]:
@@ -315,10 +316,12 @@ def _exact_affine(source: Path, img: sitk.Image, planes: Sequence[tuple[list[flo
     if tilt < TILT_TOLERANCE_DEG:
         return None
     tag = ds.get("GantryDetectorTilt")
-    logger.info("%s: slices are tilted %.2f deg against their stacking direction (gantry tilt%s): kept on the "
-                "acquired, sheared grid (slice step %s mm, not the slice normal); nothing resampled, masks are "
-                "written on the same grid", source, tilt, f" {float(tag):g} deg in the tags" if tag is not None else "",
-                np.round((_LPS_TO_RAS @ affine)[:3, 2], 3).tolist())
+    tagged = f" {float(tag):g} deg in the tags" if tag is not None else ""
+    logger.warning("%s: slices are tilted %.2f deg against their stacking direction (gantry tilt%s): kept on the "
+                   "acquired, sheared grid (slice step %s mm, not the slice normal); nothing resampled, masks are "
+                   "written on the same grid (exact in DICOM-SEG and NRRD; NIfTI holds it in the sform only, which "
+                   "ITK-based viewers refuse)", source, tilt, tagged,
+                   np.round((_LPS_TO_RAS @ affine)[:3, 2], 3).tolist())
     return affine
 
 
@@ -340,7 +343,8 @@ def _multiframe_affine(path: Path, ds: pydicom.Dataset, img: sitk.Image) -> np.n
                                  item(frame, "PixelMeasuresSequence"))
         if pos is None or orient is None:
             return None
-        planes.append(([float(v) for v in pos.ImagePositionPatient], [float(v) for v in orient.ImageOrientationPatient]))
+        planes.append(([float(v) for v in pos.ImagePositionPatient],
+                       [float(v) for v in orient.ImageOrientationPatient]))
         if measures is not None and "PixelSpacing" in measures:
             spacing = measures.PixelSpacing
     header = pydicom.Dataset()

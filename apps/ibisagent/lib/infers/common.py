@@ -168,7 +168,8 @@ def check_name(value: Any, what: str) -> str:
 
 
 def request_modality(request: dict[str, Any], default: str) -> str | None:
-    """The request's ``modality`` (``CT``, ``MR``, ...), else the server's ``--conf modality``; ``None`` = the file's."""
+    """The request's ``modality`` (``CT``, ``MR``, ...), else the server's ``--conf modality``; ``None``: the
+    file's own (and the automatic Hounsfield rule). 400 for anything but a short alphanumeric name."""
     value = request.get("modality")
     if value is None or value == "":
         return default or None
