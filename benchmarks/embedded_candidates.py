@@ -1,6 +1,12 @@
 """Compare click-driven CPU segmenters for the ``embedded`` tool under the oracle click loop.
 
-Run: ``.venv/bin/python benchmarks/embedded_candidates.py [--quick] [--only NAME ...] [--sizes 256 512]``
+Run: ``.venv/bin/python benchmarks/embedded_candidates.py [--quick] [--only NAME ...] [--sizes 256 512]
+[--set comparison|wide] [--per-case] [--per-kind] [--baseline OLD_embedded.py]``
+
+``--set wide`` runs the wider set of :mod:`wide_cases` (real MR/CT with labels over several tissues, real T1 brain
+slices of :mod:`brain_mri`, organ phantoms with internal structure); ``--baseline`` runs another version of
+``embedded.py`` side by side as ``embedded (before)``; ``--per-kind`` adds a table per kind of case. Candidates:
+``embedded``, MONAI Label's scribbles graph cut, OpenCV GrabCut (mask initialisation), geodesic, random walker.
 
 Data (built here, reproducibly, no downloads):
 
@@ -490,11 +496,60 @@ class _GeodesicSession(ImageSession):
         return Prediction(mask, _logits_from_mask(mask))
 
 
+class _GrabCutSession(ImageSession):
+    """OpenCV GrabCut (iterated GMM colour models + graph cut) initialised from the clicks: click disks (3 px) are
+    sure foreground/background, a 15 px disk around each positive click and the previous mask probable
+    foreground, everything else probable background; 3 iterations."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = np.ascontiguousarray(image)
+        self.shape = image.shape[:2]
+
+    def predict(self, clicks: Sequence[Click], prior_logits: np.ndarray | None = None) -> Prediction:
+        import cv2
+
+        check_clicks(clicks, self.shape)
+        if not any(c.positive for c in clicks):
+            return Prediction(np.zeros(self.shape, bool), np.full(self.shape, -4.0, np.float32))
+        mask = np.full(self.shape, cv2.GC_PR_BGD, np.uint8)
+        if prior_logits is not None:
+            mask[np.asarray(prior_logits) > 0] = cv2.GC_PR_FGD
+        near, _ = _disk_seeds(self.shape, [c for c in clicks if c.positive], 15)
+        mask[near] = cv2.GC_PR_FGD
+        pos, neg = _disk_seeds(self.shape, clicks, 3)
+        mask[neg] = cv2.GC_BGD
+        mask[pos] = cv2.GC_FGD
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        if (mask == cv2.GC_BGD).any() or (mask == cv2.GC_PR_BGD).any():
+            cv2.grabCut(self.image, mask, None, bgd, fgd, 3, cv2.GC_INIT_WITH_MASK)
+        out = _keep_clicked((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD), clicks)
+        return Prediction(out, _logits_from_mask(out))
+
+
+class GrabCutTool(SegmentationTool):
+    name = "grabcut"
+
+    def encode(self, image: np.ndarray) -> ImageSession:
+        return _GrabCutSession(check_image(image))
+
+
 class GeodesicTool(SegmentationTool):
     name = "geodesic"
 
     def encode(self, image: np.ndarray) -> ImageSession:
         return _GeodesicSession(_grey(image))
+
+
+def embedded_from_file(path: str) -> Callable[[], SegmentationTool]:
+    """The ``EmbeddedTool`` of another version of ``embedded.py`` (e.g. ``git show REV:lib/ibisagent/tools/embedded.py``),
+    to compare versions side by side in one run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("embedded_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.EmbeddedTool
 
 
 def candidates() -> dict[str, Callable[[], SegmentationTool]]:
@@ -503,6 +558,7 @@ def candidates() -> dict[str, Callable[[], SegmentationTool]]:
     return {
         "embedded (chosen)": EmbeddedTool,
         "scribbles-graphcut": ScribblesGraphCutTool,
+        "grabcut": GrabCutTool,
         "geodesic": GeodesicTool,
         "random-walker": RandomWalkerTool,
     }
@@ -513,7 +569,14 @@ def candidates() -> dict[str, Callable[[], SegmentationTool]]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_cases(size: int, quick: bool) -> list[Case]:
+def build_cases(size: int, quick: bool, which: str = "comparison") -> list[Case]:
+    """``which``: ``comparison`` (the set the tool was chosen on), ``wide`` (:mod:`wide_cases`: real MR/CT with
+    heterogeneous labels, real T1 brain slices, organ-like phantoms; 256 px only) or ``hard512`` (the 512 px
+    comparison cases, the speed set)."""
+    if which == "wide":
+        from wide_cases import wide_cases
+
+        return wide_cases(size)
     per_kind = 2 if quick else 4
     if size == 256:
         return real_cases(256) + synthetic_cases(256, per_kind) + colour_cases(256, per_kind // 2 + 1)
@@ -526,12 +589,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="candidate names to run")
     parser.add_argument("--sizes", nargs="*", type=int, default=[256, 512])
     parser.add_argument("--per-case", action="store_true", help="print per-case IoU/clicks")
+    parser.add_argument("--set", dest="which", choices=("comparison", "wide"), default="comparison",
+                        help="case set (default: comparison)")
+    parser.add_argument("--per-kind", action="store_true", help="also a table of mean IoU / clicks per kind of case")
+    parser.add_argument("--baseline", help="another embedded.py to run side by side as 'embedded (before)'")
     args = parser.parse_args(argv)
     tools = candidates()
+    if args.baseline:
+        tools = {"embedded (chosen)": tools["embedded (chosen)"], "embedded (before)": embedded_from_file(args.baseline),
+                 **{k: v for k, v in tools.items() if k != "embedded (chosen)"}}
     if args.only:
         tools = {k: v for k, v in tools.items() if any(o in k for o in args.only)}
+    per_kind: dict[str, dict[str, list[CaseResult]]] = {}
     for size in args.sizes:
-        cases = build_cases(size, args.quick)
+        cases = build_cases(size, args.quick, args.which)
         n_absent = sum(not c.target.any() for c in cases)
         print(f"\n### {size} px: {len(cases)} cases ({n_absent} absent targets)\n")
         print("| method | mean IoU | mean clicks | NoC@85 | NoC@90 | cases/s (1 core) |")
@@ -541,7 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"| {name} | skipped above {SLOW_CANDIDATE_MAX_SIZE} px (too slow for the 5-minute budget) |||||")
                 continue
             tool = factory()
+            run_case(tool, cases[-1])  # warm-up: imports and first-call costs are not part of the figure
             results = [run_case(tool, c) for c in cases]
+            for r in results:
+                per_kind.setdefault(name, {}).setdefault(_kind(r.name), []).append(r)
             s = summarise(results)
             print(f"| {name} | {s['iou']:.3f} | {s['clicks']:.2f} | {s['noc85']:.2f} | {s['noc90']:.2f} | "
                   f"{s['cases_per_s']:.1f} |", flush=True)
@@ -549,7 +623,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for r in results:
                     print(f"    {r.name:24s} iou={r.iou:.3f} clicks={r.clicks:2d} {r.seconds * 1000:7.1f} ms",
                           file=sys.stderr)
+    if args.per_kind and per_kind:
+        names = list(per_kind)
+        kinds = sorted({k for by_kind in per_kind.values() for k in by_kind})
+        print("\n### Per kind: mean IoU / mean clicks (n)\n")
+        print("| kind | n | " + " | ".join(names) + " |")
+        print("|---|---|" + "---|" * len(names))
+        for kind in kinds:
+            cells = []
+            for name in names:
+                rs = per_kind[name].get(kind, [])
+                cells.append(f"{np.mean([r.iou for r in rs]):.3f} / {np.mean([r.clicks for r in rs]):.1f}" if rs else "")
+            n = max(len(per_kind[name].get(kind, [])) for name in names)
+            print(f"| {kind} | {n} | " + " | ".join(cells) + " |", flush=True)
     return 0
+
+
+def _kind(name: str) -> str:
+    from wide_cases import kind_of
+
+    return kind_of(name)
 
 
 if __name__ == "__main__":

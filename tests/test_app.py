@@ -111,6 +111,12 @@ def test_agent_infer_on_a_volume_returns_mask_and_reasoning(server: Server, tmp_
     assert result["steps"] and {"think", "raw", "clicks", "actions", "error"} <= set(result["steps"][0])
     assert result["timings"]["total"] > 0 and "warning" in result  # the tiny policy says it is untrained
     assert "16" in result["slices"]  # per-slice reasoning of the propagation, starting at the key slice
+    # a failed run says so: the stop reason and the last error text (the untrained tiny model rarely parses)
+    assert result["failed"] == bool(result["failures"])
+    key = result["slices"]["16"]
+    assert key["stop_reason"] == result["stop_reason"] and key["error"] == result["error"]
+    if result["stop_reason"] in ("unparseable", "policy_error"):
+        assert result["failed"] and result["error"] and result["failures"][0].startswith("slice 16: ")
 
 
 def test_agent_infer_writes_nrrd_when_asked(server: Server, tmp_path: Path) -> None:
@@ -133,6 +139,23 @@ def test_clicks_infer_covers_the_clicked_structure(server: Server, tmp_path: Pat
     assert iou(mask[:, :, k], liver[:, :, k]) > 0.5, result
 
 
+def test_replies_say_which_window_the_picture_used_and_a_request_can_set_the_modality(server: Server,
+                                                                                      tmp_path: Path) -> None:
+    """ct_volume.nii.gz names no modality: its Hounsfield values get the CT window; a request's modality wins."""
+    click = {"foreground": [[40, 40, 16]]}
+    _, auto = server.client(tmp_path).infer("ibisagent_clicks", "ct_volume", click)
+    assert auto["modality"] == "CT" and auto["window"] == {"kind": "window", "width": 400.0, "level": 40.0,
+                                                           "name": "soft_tissue"}
+    _, given = server.client(tmp_path).infer("ibisagent_clicks", "ct_volume", {**click, "modality": "MR"})
+    assert given["modality"] == "MR" and given["window"]["kind"] == "percentile"
+    _, agent = server.client(tmp_path).infer("ibisagent", "ct_volume",
+                                             {"instruction": "Segment the liver.", "max_steps": 1, "propagate": False})
+    assert agent["modality"] == "CT" and agent["window"]["kind"] == "window"
+    with pytest.raises(MONAILabelClientException) as info:
+        server.client(tmp_path).infer("ibisagent_clicks", "ct_volume", {**click, "modality": "../CT"})
+    assert _status(info.value) == 400
+
+
 def test_saving_a_final_label_appends_a_correction(server: Server, tmp_path: Path) -> None:
     client = server.client(tmp_path)
     _, result = client.infer("ibisagent", "ct_abdomen", {"instruction": "Segment the liver.", "max_steps": 1})
@@ -144,6 +167,7 @@ def test_saving_a_final_label_appends_a_correction(server: Server, tmp_path: Pat
     records = CorrectionStore(server.studies / "ibisagent" / "corrections.jsonl").read()
     assert records[-1].source == "correction" and records[-1].image == "ct_abdomen"
     assert records[-1].instruction == "Segment the liver." and records[-1].final_iou is not None
+    assert records[-1].client_id == "pytest" and records[-1].time  # who saved it (the client id), and when
     # the agent output was consumed: saving again adds nothing
     assert client.save_label("ct_abdomen", str(corrected), tag="final")["corrections_added"] == 0
 
@@ -202,24 +226,3 @@ def test_training_fails_clearly_instead_of_faking_success(server: Server) -> Non
     assert r.status_code >= 400
     time.sleep(0.5)
     assert "not implemented" in server.log_tail(200) + r.text
-
-
-def test_agent_outputs_from_several_worker_processes_are_all_kept(tmp_path: Path) -> None:
-    """`--workers N` runs N processes that store agent outputs for the same image: none may overwrite another's."""
-    code = (
-        "import sys, numpy as np; sys.path.insert(0, sys.argv[1]);"
-        "from lib.infers.common import AgentOutputs;"
-        "store = AgentOutputs(sys.argv[2]); base = int(sys.argv[3]);"
-        "[store.put('img', base + k, {'k': base + k}, {'t': np.ones((4, 4), bool)}) for k in range(25)]"
-    )
-    app = str(ROOT / "apps" / "ibisagent")
-    procs = [subprocess.Popen([sys.executable, "-c", code, app, str(tmp_path), str(base)]) for base in (0, 100)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    sys.path.insert(0, app)
-    try:
-        from lib.infers.common import AgentOutputs
-
-        kept = AgentOutputs(tmp_path).take("img")
-    finally:
-        sys.path.remove(app)
-    assert sorted(kept) == [*range(25), *range(100, 125)]

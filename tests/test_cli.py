@@ -71,6 +71,9 @@ def test_eval_scores_good_cases_and_records_bad_ones(small_manifest: Path, tmp_p
         assert 1 <= cases[key]["steps"] <= 20
     agg = results["aggregate"]
     assert agg["samples"] == 3 and agg["errors"] == 3
+    meta = results["meta"]  # the simulated expert's settings, not the agent's
+    assert meta["iou_stop"] == 0.9 and meta["max_clicks"] == 20 and meta["rule"] == "peak"
+    assert "max_turns" not in meta and "history" not in meta
     assert 0.9 <= agg["mean_iou"] <= 1.0
     assert {"mean_iou", "median_iou", "mean_dice", "mean_f1", "mean_steps", "noc@90"} <= set(agg)
     for name in ("results.md", "iou_per_click.png", "iou_per_case.png"):
@@ -101,18 +104,29 @@ def test_simulate_then_render(small_manifest: Path, tmp_path: Path) -> None:
 
 def test_eval_runs_the_agent_with_an_mllm_policy(small_manifest: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any policy spec goes through the agent loop; the untrained tiny model scores low but every case is recorded."""
+    """Any policy spec goes through the agent loop and every case is recorded; a case where the (untrained) model
+    gave no usable answer is the case's error, not a score of its empty mask."""
     monkeypatch.setenv("IBISAGENT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "eval"
-    code = main(["eval", str(small_manifest), "--policy", "tiny", "--out", str(out), "--max-steps", "1",
-                 "--max-new-tokens", "12", "--no-progress", "--trajectories"])
-    assert code == 1  # the three broken cases
-    cases = {c["id"]: c for c in json.loads((out / "results.json").read_text())["cases"]}
+    code = main(["eval", str(small_manifest), "--policy", "tiny", "--out", str(out), "--max-turns", "1",
+                 "--max-clicks", "7", "--max-new-tokens", "12", "--no-progress", "--trajectories"])
+    assert code == 1  # the three broken cases at least
+    results = json.loads((out / "results.json").read_text())
+    cases = {c["id"]: c for c in results["cases"]}
     assert {"disc", "absent", "two"} <= set(cases)
-    for key in ("disc", "absent", "two"):
-        assert "error" not in cases[key] and 0.0 <= cases[key]["iou"] <= 1.0
     records = list(read_trajectories(out / "trajectories.jsonl"))
     assert records and all(r.source == "policy" and r.steps and r.steps[0].raw for r in records)
+    for key in ("disc", "absent", "two"):
+        stops = {r.stop_reason for r in records if r.id == key}
+        if stops & {"unparseable", "policy_error"}:
+            assert cases[key]["error"].startswith("agent stopped ") and cases[key]["iou"] is None
+            assert all(r.error for r in records if r.id == key)  # the trace says why, too
+        else:
+            assert "error" not in cases[key] and 0.0 <= cases[key]["iou"] <= 1.0
+    # only the settings the agent run applied: turns and decoding, not the simulated expert's stop rule
+    meta = results["meta"]
+    assert meta["max_turns"] == 1 and meta["max_clicks"] == 7 and meta["max_new_tokens"] == 12
+    assert "iou_stop" not in meta and "rule" not in meta and "max_steps" not in meta
 
 
 def test_a_dead_policy_backend_fails_every_case_instead_of_scoring_empty_masks(small_manifest: Path,

@@ -151,3 +151,51 @@ def test_sigkilled_writers_lose_no_earlier_record(tmp_path: Path) -> None:
         assert len(ids) > seen, f"round {round_}: the writer appended nothing"
         seen = len(ids)
     assert store.count() == seen
+
+
+def test_agent_outputs_from_several_worker_processes_are_all_kept(tmp_path: Path) -> None:
+    """`--workers N` runs N server processes that store agent outputs for the same image: none may overwrite
+    another's."""
+    from ibisagent.corrections import AgentOutputStore
+
+    code = (
+        "import sys, numpy as np; from ibisagent.corrections import AgentOutputStore;"
+        "store = AgentOutputStore(sys.argv[1]); base = int(sys.argv[2]);"
+        "[store.put('img', base + k, {'k': base + k}, {'t': np.ones((4, 4), bool)}) for k in range(25)]"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "lib")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(base)], env=env) for base in (0, 100)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    store = AgentOutputStore(tmp_path)
+    assert sorted(store.peek("img")) == [*range(25), *range(100, 125)]  # peek leaves them
+    kept = store.take("img")
+    assert sorted(kept) == [*range(25), *range(100, 125)]
+    assert kept[3]["masks"]["t"].all() and not store.has("img")
+    with pytest.raises(ValueError, match="image id"):
+        store.put("../escape", 0, {}, {})
+
+
+def test_derive_corrections_records_who_and_when() -> None:
+    import datetime as dt
+
+    from ibisagent.corrections import derive_corrections
+    from ibisagent.imaging import load_image
+
+    image = load_image(Path(__file__).resolve().parents[1] / "sample_data" / "synthetic" / "ct_liver.png")
+    h, w = image.array.shape[:2]
+    agent = np.zeros((h, w), bool)
+    agent[h // 4: h // 2, w // 4: w // 2] = True
+    label = np.zeros((h, w), np.uint8)
+    label[h // 4: 3 * h // 5, w // 4: w // 2] = 1  # the radiologist extended the agent's mask downwards
+    outputs = {0: {"instruction": "Segment the liver.", "targets": ["liver"], "tool": "embedded",
+                   "masks": {"liver": agent}}}
+    when = dt.datetime(2026, 12, 1, 1, 2, 3, tzinfo=dt.timezone.utc)
+    records = derive_corrections(image, label, outputs, load_tool("embedded"), "img1", client_id="user-1", time=when)
+    assert len(records) == 1
+    record = records[0]
+    assert (record.source, record.client_id, record.time) == ("correction", "user-1", "2026-12-01T01:02:03+00:00")
+    assert record.target == "liver" and record.image == "img1" and record.slice is None
+    assert rle_decode(record.steps[0].mask).sum() == agent.sum()  # starts from the agent's mask
+    assert record.final_iou > iou(agent, label.astype(bool))
+    with pytest.raises(ValueError, match="does not match"):
+        derive_corrections(image, label[:-1], outputs, load_tool("embedded"), "img1")

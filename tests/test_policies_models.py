@@ -379,6 +379,28 @@ def test_openai_streaming_against_transformers_serve(served_tiny) -> None:
     assert out[0].prefill_seconds > 0 and out[0].extra.get("stream") is True
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_openai_reasoning_parser_in_front_of_transformers_serve(served_tiny, stream: bool) -> None:
+    """A real reasoning-parser server in front of the real ``transformers serve`` (which has no reasoning parser):
+    the model's text comes back in ``content``, reasoning in ``reasoning_content``; the policy rebuilds the turn."""
+    from chat_server import ChatServer
+
+    from ibisagent.policies.openai import OpenAIPolicy
+
+    base, model = served_tiny
+    thought = "The spot at the bottom left is the lesion."
+    options = GenerationOptions(max_new_tokens=8)
+    direct = OpenAIPolicy(base, model, timeout=60).generate(_requests()[:1], options)[0].text
+    with ChatServer("split", "reasoning_content", upstream=base + "/v1", upstream_reasoning=thought) as front, \
+            OpenAIPolicy(front.url, model, timeout=60, stream=stream) as policy:
+        out = policy.generate(_requests()[:1], options)[0]
+    assert front.requests and front.requests[0]["model"] == model
+    if "<think>" in direct:  # the untrained model wrote a think tag itself: its content wins, nothing duplicated
+        assert out.text == direct
+    else:
+        assert out.text == f"<think>\n{thought}\n</think>\n{direct.strip()}"
+
+
 def test_openai_server_down_raises_policy_error_within_timeout() -> None:
     from ibisagent.policies.openai import OpenAIPolicy
 
@@ -434,6 +456,16 @@ def test_openai_message_conversion() -> None:
     assert msgs[1]["content"][1] == {"type": "text", "text": "hi"}
     json.dumps(msgs)
     assert parse_openai_spec("http://h:8000/v1#Qwen/Qwen2.5-VL-7B") == ("http://h:8000/v1", "Qwen/Qwen2.5-VL-7B")
+    # the one parser of the spec: a bare host gets /v1, the model ends nowhere but the string's end
+    assert parse_openai_spec("http://h:8000#org/model#v2") == ("http://h:8000/v1", "org/model#v2")
+    assert parse_openai_spec("h:8000/v1/") == ("http://h:8000/v1", "")
+    from ibisagent.policies import load_policy
+
+    policy = load_policy("openai:http://h:8000#org/model#v2")
+    assert (policy.base_url, policy.model) == ("http://h:8000/v1", "org/model#v2")
+    assert load_policy("openai:http://h:8000/v1#m").url == "http://h:8000/v1/chat/completions"
+    with pytest.raises(ValueError):
+        parse_openai_spec("#model")
     assert normalise_base_url("http://h:8000/") == "http://h:8000/v1"
     assert normalise_base_url("http://h:8000/api/v1/") == "http://h:8000/api/v1"
 

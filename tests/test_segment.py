@@ -56,20 +56,27 @@ def test_segment_2d_png_with_defaults(tmp_path: Path) -> None:
     src = tmp_path / "img.png"
     PILImage.fromarray(img.astype(np.uint8)).save(src)
     out, trace = tmp_path / "mask.png", tmp_path / "trace.jsonl"
-    assert main(["segment", str(src), "--prompt", "Segment the disc.", "--out", str(out), "--trace", str(trace),
-                 "--max-steps", "2"]) == 0
+    code = main(["segment", str(src), "--prompt", "Segment the disc.", "--out", str(out), "--trace", str(trace),
+                 "--max-steps", "2"])
     assert np.asarray(PILImage.open(out)).shape == (90, 120)
     records = list(read_trajectories(trace))
     assert records and records[0].steps and records[0].stop_reason  # untrained model: any stop, but recorded
     assert records[0].steps[0].raw  # the model's raw text is kept
+    assert records[0].target == "disc"  # named from the prompt
+    # an untrained model usually writes nothing parseable: then the command fails and says why
+    failed = records[0].stop_reason in ("unparseable", "policy_error")
+    assert code == (1 if failed else 0)
+    assert bool(records[0].error) == failed or not failed
 
 
 def test_segment_volume_with_slice_keeps_shape_and_affine(tmp_path: Path) -> None:
     src = tmp_path / "vol.nii.gz"
     _ellipsoid_volume(src)
     out, trace, viz = tmp_path / "mask.nii.gz", tmp_path / "trace.jsonl", tmp_path / "viz.png"
-    assert main(["segment", str(src), "--prompt", "Segment the ellipsoid.", "--slice", "12", "--out", str(out),
-                 "--trace", str(trace), "--viz", str(viz), "--max-steps", "2"]) == 0
+    code = main(["segment", str(src), "--prompt", "Segment the ellipsoid.", "--slice", "12", "--out", str(out),
+                 "--trace", str(trace), "--viz", str(viz), "--max-steps", "2"])
+    records = list(read_trajectories(trace))
+    assert code == (1 if any(r.stop_reason in ("unparseable", "policy_error") for r in records) else 0)
     written, original = nib.load(out), nib.load(src)
     assert written.shape == original.shape
     np.testing.assert_allclose(written.affine, original.affine)
@@ -209,3 +216,51 @@ def test_segment_rejects_an_impossible_output_format_before_running(tmp_path: Pa
     code = main(["segment", str(src), "--prompt", "x", "--policy", "hf:/nowhere", "--out", str(tmp_path / "m.png"),
                  "--trace", str(tmp_path / "t.jsonl")])
     assert code == 2 and "--out" in capsys.readouterr().err  # the format is checked before the (missing) policy
+
+
+def test_segment_records_the_modality_and_window_in_the_trace(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """CT stored as NIfTI gets the CT window by the automatic rule; --modality overrides it; the trace says which."""
+    src = Path(__file__).parent / "data" / "ct_window_nifti" / "nifti" / "ct.nii.gz"  # the field case
+    for modality, kind in ((None, "window"), ("MR", "percentile")):
+        trace = tmp_path / f"{modality}.jsonl"
+        args = ["segment", str(src), "--prompt", "Segment the liver lesion.", "--slice", "2", "--range", "2", "2",
+                "--max-steps", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "m.nii.gz"),
+                "--trace", str(trace)]
+        main(args + (["--modality", modality] if modality else []))
+        records = list(read_trajectories(trace))
+        assert records and all(r.window is not None and r.window["kind"] == kind for r in records)
+        assert records[0].modality == (modality or "CT")
+        assert f"modality {modality or 'CT'}" in capsys.readouterr().out
+def test_unparseable_output_fails_the_command_with_the_reason_on_stderr_and_in_the_trace(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from chat_server import ChatServer
+
+    src = tmp_path / "img.png"
+    PILImage.fromarray(np.full((40, 50), 90, np.uint8)).save(src)
+    out, trace = tmp_path / "m.png", tmp_path / "t.jsonl"
+    with ChatServer("plain", turns=["I am not sure what to do here."]) as server:
+        code = main(["segment", str(src), "--prompt", "Segment the left kidney.", "--policy",
+                     f"openai:{server.url}#m", "--out", str(out), "--trace", str(trace)])
+        assert len(server.requests) == 2  # the turn and its one repair retry
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "unparseable" in err and "missing <think>" in err
+    record = next(read_trajectories(trace))
+    assert record.stop_reason == "unparseable" and "missing <think>" in record.error
+    assert record.target == "left kidney"
+    assert not (np.asarray(PILImage.open(out)) > 0).any()  # the mask so far (empty) is still written
+
+
+def test_trace_is_optional_and_targets_given_override_the_prompt(tmp_path: Path) -> None:
+    from chat_server import ChatServer
+
+    src = tmp_path / "img.png"
+    PILImage.fromarray(np.full((40, 50), 90, np.uint8)).save(src)
+    done = "<think>\nNothing here.\n</think>\n<action>\nTerminate\n</action>\n<answer>\nnot present\n</answer>"
+    with ChatServer("plain", turns=[done]) as server:
+        code = main(["segment", str(src), "--prompt", "Segment the kidneys.", "--target", "left kidney", "--target",
+                     "right kidney", "--policy", f"openai:{server.url}#m", "--out", str(tmp_path / "m.png")])
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.glob("m_*.png")) == ["m_left_kidney.png", "m_right_kidney.png"]
+    assert not list(tmp_path.glob("*.jsonl"))

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import lib.configs
-import numpy as np
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
@@ -26,7 +25,8 @@ from monailabel.utils.others.class_utils import get_class_names
 
 from ibisagent.server.limits import SERVER_INPUT, SERVER_INPUT_KEY, ServerOptions, check_label_shape
 from ibisagent.server.storage import AtomicLocalDatastore, SafeSessions
-from lib.infers.common import Options, bad_request, check_name, display_slice
+from lib.infers.common import Options, bad_request, check_name
+from lib.pacs import PacsDatastore
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class CheckedDatastore(AtomicLocalDatastore):
     """The local datastore (index written atomically, rebuilt when a kill left it corrupt) with input checks before
     anything is stored: image ids and label tags must be plain names (no path separators, no ``..``), uploaded images
     and labels must be readable images without NaN/Inf, a label must have its image's shape. Remembers, per thread,
-    the tag of the label just saved (``on_save_label`` is not told the tag)."""
+    the tag and the client's ``label_info`` (its ``client_id``) of the label just saved (``on_save_label`` is not told
+    them)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -61,6 +62,7 @@ class CheckedDatastore(AtomicLocalDatastore):
 
         check_label_shape(label.array.shape, load_image(image_uri).array.shape)
         self.saved.tag = label_tag
+        self.saved.info = dict(label_info or {})
         return super().save_label(image_id, label_filename, label_tag, label_info)
 
 
@@ -108,13 +110,27 @@ class IbisAgentApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            return super().init_datastore()  # → _init_dicomweb_datastore below for a DICOMweb PACS
         return CheckedDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+
+    def _init_dicomweb_datastore(self) -> Datastore:
+        """A DICOMweb PACS: the configured modalities listed, final labels stored as ibisagent DICOM-SEG
+        (:class:`lib.pacs.PacsDatastore`). Google's Healthcare API keeps MONAI Label's own datastore."""
+        if "googleapis.com" in self.studies:
+            return super()._init_dicomweb_datastore()
+        config = self.task_configs["ibisagent"]
+        return PacsDatastore(self.studies, self.options.modality_list, config.outputs,  # type: ignore[attr-defined]
+                             self.options.tool)
+
+    def _download_dcmqi_tools(self) -> None:
+        """Nothing to download: DICOM-SEG is written with highdicom (MONAI Label fetches dcmqi from the internet
+        here, which fails offline)."""
+        logger.info("dcmqi not needed: DICOM-SEG is written with highdicom")
 
     def init_infers(self) -> dict[str, Any]:
         infers: dict[str, Any] = {}
@@ -164,12 +180,14 @@ class IbisAgentApp(MONAILabelApp):
 
     def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
         super().on_save_label(image_id, label_id)
-        tag = getattr(getattr(self.datastore(), "saved", None), "tag", DefaultLabelTag.FINAL.value)
+        saved = getattr(self.datastore(), "saved", None)
+        tag = getattr(saved, "tag", DefaultLabelTag.FINAL.value)
         if tag != DefaultLabelTag.FINAL.value:
             return {"corrections_added": 0}
+        client_id = (getattr(saved, "info", None) or {}).get("client_id")
         try:
             with self._save_lock:
-                added, total = self._derive_corrections(image_id, label_id)
+                added, total = self._derive_corrections(image_id, label_id, client_id)
         except Exception as exc:  # the label is saved already; a failed derivation must not fail the save
             logger.exception("deriving the correction for %s failed", image_id)
             return {"corrections_added": 0, "corrections_error": f"{type(exc).__name__}: {exc}"}
@@ -180,8 +198,8 @@ class IbisAgentApp(MONAILabelApp):
             result["training"] = self.async_training("ibisagent_sft", None, enqueue=True)
         return result
 
-    def _derive_corrections(self, image_id: str, label_id: str) -> tuple[int, int]:
-        from ibisagent.corrections import CorrectionStore, correction_record
+    def _derive_corrections(self, image_id: str, label_id: str, client_id: str | None) -> tuple[int, int]:
+        from ibisagent.corrections import CorrectionStore, derive_corrections
         from ibisagent.imaging import load_image
 
         config = self.task_configs["ibisagent"]
@@ -189,25 +207,10 @@ class IbisAgentApp(MONAILabelApp):
         outputs = config.outputs.take(image_id)  # type: ignore[attr-defined]
         if not outputs:
             return 0, store.count()
-        image = load_image(self.datastore().get_image_uri(image_id))
+        image = load_image(self.datastore().get_image_uri(image_id), modality=self.options.modality or None)
         label = load_image(self.datastore().get_label_uri(label_id, DefaultLabelTag.FINAL.value)).array
-        expected = image.array.shape if image.is_volume else image.array.shape[:2]
-        if label.shape != expected:
-            raise ValueError(f"saved label shape {label.shape} does not match image shape {expected}")
-        tool = config.runtime.tool()  # type: ignore[attr-defined]
-        added = 0
-        for k, entry in sorted(outputs.items()):
-            rgb = display_slice(image, k)
-            session = tool.encode(rgb)
-            plane = label[k] if image.is_volume else label
-            targets = entry["targets"]
-            for index, target in enumerate(targets):
-                final = plane == index + 1 if len(targets) > 1 else plane != 0
-                record = correction_record(
-                    rgb, entry["masks"][target], np.asarray(final), session, entry["instruction"], image_id,
-                    case_id=f"{image_id}:{k}" if image.is_volume else image_id, target=target,
-                    tool_name=entry["tool"], modality=image.modality, slice=k if image.is_volume else None,
-                )
-                store.append(record)
-                added += 1
-        return added, store.count()
+        records = derive_corrections(image, label, outputs, config.runtime.tool(), image_id,  # type: ignore[attr-defined]
+                                     client_id=client_id)
+        for record in records:
+            store.append(record)
+        return len(records), store.count()

@@ -40,7 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image as PILImage
@@ -247,9 +247,11 @@ class AgentTrajectory:
         modality: str = "",
         slice: int | None = None,  # noqa: A002 - the manifest's field name
         ground_truth: Mapping[str, np.ndarray | None] | None = None,
+        window: Mapping[str, Any] | None = None,
     ) -> list[TrajectoryRecord]:
         """One :class:`TrajectoryRecord` per target (source ``"policy"``): per step the target's clicks, its mask
-        (RLE), IoU when ``ground_truth`` (name → (H, W) bool, ``None`` = absent) is given, think and raw text."""
+        (RLE), IoU when ``ground_truth`` (name → (H, W) bool, ``None`` = absent) is given, think and raw text;
+        ``window`` is the display rule of the picture (:meth:`ibisagent.imaging.DisplayWindow.to_dict`)."""
         records = []
         share = self.seconds.get("total", 0.0) / max(len(self.targets), 1)
         for name in self.targets:
@@ -258,7 +260,8 @@ class AgentTrajectory:
             final = self.masks[name]
             records.append(TrajectoryRecord(
                 id=case_id, instruction=self.instruction, image=image_ref, target=name, tool=tool_name,
-                source="policy", modality=modality, slice=slice, steps=steps,
+                source="policy", modality=modality, slice=slice,
+                window=dict(window) if window is not None else None, steps=steps,
                 final_iou=None if truth is None else round(iou(final, truth), 6),
                 final_dice=None if truth is None else round(dice(final, truth), 6),
                 stop_reason=self.stop_reason, answer=self.answer, seconds=round(share, 6),

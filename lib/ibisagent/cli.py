@@ -25,8 +25,9 @@ def _add_loop_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device for model-based tools (default: cpu)")
     parser.add_argument("--iou-stop", type=float, default=DEFAULT_IOU_STOP,
                         help=f"stop a trajectory at this IoU (default: {DEFAULT_IOU_STOP})")
-    parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_CLICKS,
-                        help=f"click budget per target (default: {DEFAULT_MAX_CLICKS})")
+    parser.add_argument("--max-clicks", "--max-steps", dest="max_clicks", type=int, default=DEFAULT_MAX_CLICKS,
+                        help=f"click budget per target: the simulated expert's clicks, and the budget NoC counts "
+                        f"against (default: {DEFAULT_MAX_CLICKS}; --max-steps is the old name)")
     parser.add_argument("--rule", choices=("peak", "area"), default="peak",
                         help="click rule: deepest error pixel (peak, the paper's) or larger error region (area)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -58,23 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="policy spec: oracle (simulated expert), hf:PATH, openai:URL#MODEL, vllm:PATH, tiny")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--trajectories", action="store_true", help="also write DIR/trajectories.jsonl")
+    p.add_argument("--max-turns", type=int, default=10,
+                   help="policies: agent turns per case (default: 10); the oracle's budget is --max-clicks")
     _add_loop_options(p)
     _add_agent_options(p)
 
     p = sub.add_parser("segment", help="segment a 2D image or a volume with the agent (think → click → observe)")
     p.add_argument("image", type=Path, help="PNG/JPEG, NIfTI/NRRD, DICOM file or DICOM series folder")
     p.add_argument("--prompt", required=True, help='the instruction, e.g. "Segment the liver."')
-    p.add_argument("--target", action="append", help="target name (repeatable; default: one target, 'target')")
+    p.add_argument("--target", action="append",
+                   help="target name (repeatable; default: one target named from the prompt, e.g. 'left kidney')")
     p.add_argument("--policy", default=None, help="policy spec (default: the bundled default; see README)")
     p.add_argument("--tool", default="embedded", help="tool spec (default: embedded)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--modality", help="modality of the image (CT, MR, ...), overriding the file's; CT gets the CT "
+                   "window. Default: the file's, else CT for Hounsfield-range values (see docs/INPUTS.md)")
     p.add_argument("--slice", type=int, help="volumes: key slice to start from (default: the middle slice)")
     p.add_argument("--range", type=int, nargs=2, metavar=("FIRST", "LAST"), help="volumes: slices to stay within")
     p.add_argument("--max-steps", type=int, default=10, help="agent steps per slice (default: 10)")
     p.add_argument("--propagation", choices=("agent", "sam2-video"), default="agent",
                    help="volumes: the agent on every slice (default), or SAM 2 video propagation from the key slice")
-    p.add_argument("--out", type=Path, required=True, help="mask to write (.png for 2D; .nii.gz/.nrrd any)")
-    p.add_argument("--trace", type=Path, required=True, help="trajectory JSONL (reasoning, clicks, masks per step)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="mask to write: .png (2D), .nii.gz/.nii/.nrrd (any), .dcm (DICOM-SEG, DICOM sources)")
+    p.add_argument("--trace", type=Path, help="also write the trajectory JSONL (reasoning, clicks, masks per step)")
     p.add_argument("--viz", type=Path, help="PNG: the trajectory strip (2D) or the key slice's (volumes)")
     _add_agent_options(p)
 
@@ -114,13 +121,22 @@ def _run_oracle(args: argparse.Namespace):  # noqa: ANN202
     from ibisagent.evaluate import run_oracle
 
     tool = _load_tool(args.tool, args.device)
-    return run_oracle(args.manifest, tool, iou_stop=args.iou_stop, max_steps=args.max_steps, rule=args.rule,
+    return run_oracle(args.manifest, tool, iou_stop=args.iou_stop, max_steps=args.max_clicks, rule=args.rule,
                       progress=not args.no_progress)
 
 
 def _meta(args: argparse.Namespace, policy: str) -> dict[str, object]:
-    return {"manifest": str(args.manifest), "policy": policy, "tool": args.tool, "iou_stop": args.iou_stop,
-            "max_steps": args.max_steps, "rule": args.rule}
+    """The settings a run applied, and only those: the simulated expert's stop rule and click budget for the oracle;
+    the agent's turn budget and decoding for a policy (``max_clicks`` is the budget NoC counts against in both)."""
+    meta: dict[str, object] = {"manifest": str(args.manifest), "policy": policy, "tool": args.tool,
+                               "max_clicks": args.max_clicks}
+    if policy == "oracle":
+        meta.update(iou_stop=args.iou_stop, rule=args.rule)
+    else:
+        meta.update(max_turns=args.max_turns, history=args.history, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, time_limit=args.time_limit,
+                    prompts=str(args.prompts) if args.prompts else None)
+    return meta
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -129,7 +145,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     records, results = _run_oracle(args)
     write_trajectories(args.out, records)
-    summary = aggregate(results, args.max_steps)
+    summary = aggregate(results, args.max_clicks)
     print(format_table(summary))
     print(f"\n{len(records)} trajectories → {args.out}")
     return _report_errors(results)
@@ -146,9 +162,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from ibisagent.evaluate import run_policy
 
         policy = _load_policy(args.policy, args.device)
-        records, results = run_policy(args.manifest, policy, _load_tool(args.tool, args.device), _agent_config(args),
-                                      prompts=_prompts(args), progress=not args.no_progress)
-    summary = write_results(args.out, results, _meta(args, args.policy), args.max_steps)
+        records, results = run_policy(args.manifest, policy, _load_tool(args.tool, args.device),
+                                      _agent_config(args, args.max_turns), prompts=_prompts(args),
+                                      progress=not args.no_progress)
+    summary = write_results(args.out, results, _meta(args, args.policy), args.max_clicks)
     if args.trajectories:
         write_trajectories(args.out / "trajectories.jsonl", records)
     print(format_table(summary))
@@ -156,12 +173,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _report_errors(results)
 
 
-def _agent_config(args: argparse.Namespace):  # noqa: ANN202 - AgentConfig, imported lazily
+def _agent_config(args: argparse.Namespace, max_turns: int):  # noqa: ANN202 - AgentConfig, imported lazily
     from ibisagent.agent import AgentConfig
     from ibisagent.policies import GenerationOptions
 
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    return AgentConfig(max_steps=args.max_steps, history=args.history, time_limit=args.time_limit, options=options)
+    return AgentConfig(max_steps=max_turns, history=args.history, time_limit=args.time_limit, options=options)
 
 
 def _prompts(args: argparse.Namespace):  # noqa: ANN202 - Prompts | None
@@ -181,8 +198,9 @@ def _load_policy(spec: str | None, device: str):  # noqa: ANN202 - Policy
 
 
 def _output_paths(out: Path, targets: Sequence[str]) -> dict[str, Path]:
-    """One mask file per target: ``out`` itself for one target, ``out`` with ``_<target>`` before the suffix else."""
-    if len(targets) == 1:
+    """One mask file per target: ``out`` itself for one target, ``out`` with ``_<target>`` before the suffix else.
+    (A DICOM-SEG holds every target as a segment of one file.)"""
+    if len(targets) == 1 or out.name.lower().endswith(".dcm"):
         return {targets[0]: out}
     suffix = "".join(out.suffixes)
     stem = out.name[: len(out.name) - len(suffix)] if suffix else out.name
@@ -190,55 +208,96 @@ def _output_paths(out: Path, targets: Sequence[str]) -> dict[str, Path]:
     return {t: out.with_name(f"{stem}_{safe[t]}{suffix}") for t in targets}
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
-    from ibisagent.agent import run_agent
-    from ibisagent.data.trajectory import write_trajectories
-    from ibisagent.imaging import load_image, save_mask_like, to_display_rgb
-    from ibisagent.render import render_trajectory
-    from ibisagent.volume import segment_volume, slice_rgb
+def _write_masks(masks: dict[str, object], image, out: Path, targets: Sequence[str],  # noqa: ANN001
+                 provenance) -> list[Path]:  # noqa: ANN001
+    """Write the masks with the library's one writer: a DICOM-SEG with every target as a segment, or one file per
+    target."""
+    import numpy as np
 
-    targets = tuple(args.target or ["target"])
-    image = load_image(args.image)
-    _check_mask_output(args.out, image.is_volume)
+    from ibisagent.imaging import save_mask_like
+
+    if out.name.lower().endswith(".dcm"):
+        labels = np.zeros(np.shape(masks[targets[0]]), dtype=np.uint16)
+        for index, name in enumerate(targets, start=1):
+            labels[np.asarray(masks[name], dtype=bool) & (labels == 0)] = index
+        mask = labels.astype(bool) if len(targets) == 1 else labels
+        return [save_mask_like(mask, image, out, label_names=list(targets), provenance=provenance)]
+    return [save_mask_like(masks[name], image, path) for name, path in _output_paths(out, targets).items()]
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from ibisagent.data.trajectory import TrajectoryRecord, write_trajectories
+    from ibisagent.imaging import ImageError, Provenance, check_mask_output, display_window, load_image, slice_of
+    from ibisagent.outcome import failures, with_errors
+    from ibisagent.policies.base import PolicyError
+    from ibisagent.protocol import target_names
+    from ibisagent.render import render_trajectory
+    from ibisagent.volume import slice_rgb
+
+    targets = target_names(args.prompt, args.target)
+    image = load_image(args.image, modality=args.modality or None)
+    try:
+        check_mask_output(args.out, image)
+    except ImageError as exc:
+        raise ValueError(f"--out {exc}") from exc
     policy = _load_policy(args.policy, args.device)
     tool = _load_tool(args.tool, args.device)
-    config = _agent_config(args)
-    outputs = _output_paths(args.out, targets)
+    config = _agent_config(args, args.max_steps)
+    provenance = Provenance(policy=args.policy or "tiny", tool=args.tool, person=False)
+    try:
+        runs, masks, key, summary = _run_segment(args, image, policy, tool, targets, config)
+    except PolicyError:
+        raise
+    except Exception as exc:  # the tool (or the image pipeline) failed mid-run: say so, in the trace too
+        why = f"tool_error: {type(exc).__name__}: {exc}"
+        log.debug("segment failed", exc_info=True)
+        if args.trace is not None:
+            write_trajectories(args.trace, [TrajectoryRecord(
+                id=args.image.name, instruction=args.prompt, image=str(args.image), target=t, tool=tool.name,
+                source="policy", modality=image.modality, stop_reason="tool_error", error=why) for t in targets])
+        print(f"ibisagent: the agent failed: {why}", file=sys.stderr)
+        return 1
+    written = _write_masks(masks, image, args.out, targets, provenance)
+    windows = {k: display_window(slice_of(image, k), image.modality) for k, _ in runs}
+    records = {k: with_errors(t.to_records(args.image.name, str(args.image), tool.name, modality=image.modality,
+                                            slice=k if image.is_volume else None, window=windows[k].to_dict()), t)
+               for k, t in runs}
+    if args.trace is not None:
+        write_trajectories(args.trace, [r for k, _ in runs for r in records[k]])
+    if args.viz is not None and records[key]:
+        render_trajectory(slice_rgb(image, key), records[key][0], args.viz)
+    trace = f"; trace → {args.trace}" if args.trace is not None else ""
+    print(f"{summary}\nmodality {image.modality or 'unknown'}, display {windows[key].describe()}\n"
+          f"mask → {', '.join(str(p) for p in written)}{trace}")
+    failed = failures((k if image.is_volume else None, t) for k, t in runs)
+    for why in failed:
+        print(f"ibisagent: the agent failed: {why}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_segment(args: argparse.Namespace, image, policy, tool, targets, config):  # noqa: ANN001, ANN202
+    """The agent on a 2D image or through a volume: ``(runs, masks, key slice, summary)``, ``runs`` being
+    ``[(slice, trajectory)]`` (slice 0 for 2D)."""
+    from ibisagent.agent import run_agent
+    from ibisagent.volume import segment_volume, slice_rgb
+
     if image.is_volume:
         result = segment_volume(policy, tool, image, args.prompt, targets, key_slice=args.slice,
                                 slice_range=tuple(args.range) if args.range else None, config=config,
                                 prompts=_prompts(args), propagation=args.propagation)
-        records = [r for k in sorted(result.slices)
-                   for r in result.slices[k].to_records(args.image.name, str(args.image), tool.name,
-                                                        modality=image.modality, slice=k)]
-        for name, path in outputs.items():
-            save_mask_like(result.masks[name], image, path)
-        trajectories = list(result.slices.values())
-        key = result.slices[result.key_slice]
-        viz_rgb, viz_records = slice_rgb(image, result.key_slice), key.to_records(args.image.name, str(args.image),
-                                                                                  tool.name, slice=result.key_slice)
-        summary = (f"key slice {result.key_slice}; {len(result.slices)} slices visited; "
+        runs = sorted(result.slices.items())
+        masks, key = result.masks, result.key_slice
+        summary = (f"key slice {key}; {len(result.slices)} slices visited; "
                    + "; ".join(f"{d}: {why}" for d, why in result.stops.items()))
     else:
         if args.slice is not None:
             log.warning("--slice ignored: %s is a 2D image", args.image)
-        rgb = to_display_rgb(image.array, image.modality)
+        rgb = slice_rgb(image, 0)
         trajectory = run_agent(policy, tool.encode(rgb), rgb, args.prompt, targets, config=config,
                                prompts=_prompts(args))
-        trajectories = [trajectory]
-        records = trajectory.to_records(args.image.name, str(args.image), tool.name, modality=image.modality)
-        for name, path in outputs.items():
-            save_mask_like(trajectory.masks[name], image, path)
-        viz_rgb, viz_records = rgb, records
+        runs, masks, key = [(0, trajectory)], dict(trajectory.masks), 0
         summary = f"{len(trajectory.steps)} steps, stop: {trajectory.stop_reason}, answer: {trajectory.answer!r}"
-    write_trajectories(args.trace, records)
-    if args.viz is not None and viz_records:
-        render_trajectory(viz_rgb, viz_records[0], args.viz)
-    print(f"{summary}\nmask → {', '.join(str(p) for p in outputs.values())}; trace → {args.trace}")
-    failed = [t for t in trajectories if t.stop_reason == "policy_error"]
-    for t in failed:
-        print(f"ibisagent: the policy failed: {t.error}", file=sys.stderr)
-    return 1 if failed else 0
+    return runs, masks, key, summary
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -255,7 +314,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     record = records[0]
     image = load_image(record.image)
     plane = slice_of(image, record.slice) if image.is_volume else image.array
-    rgb = to_display_rgb(plane, record.modality)
+    rgb = to_display_rgb(plane, record.modality or image.modality)
     render_trajectory(rgb, record, args.out)
     print(f"{record.id}/{record.target}: {len(record.steps)} steps → {args.out}")
     return 0
@@ -280,7 +339,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out: Path = args.out
     _prepare_dir(out)
     records, results = _run_oracle(args)
-    summary = write_results(out, results, _meta(args, "oracle"), args.max_steps)
+    summary = write_results(out, results, _meta(args, "oracle"), args.max_clicks)
     write_trajectories(out / "trajectories.jsonl", records)
     # picture of the longest trajectory: the most instructive one to look at
     longest = max(records, key=lambda r: len(r.steps), default=None)
@@ -298,18 +357,6 @@ def _prepare_dir(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"--out {path} exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
-
-
-MASK_SUFFIXES_2D = (".png", ".nii", ".nii.gz", ".nrrd")
-MASK_SUFFIXES_3D = (".nii", ".nii.gz", ".nrrd")
-
-
-def _check_mask_output(path: Path, volume: bool) -> None:
-    """Reject an output format that cannot hold the result before the agent runs."""
-    allowed = MASK_SUFFIXES_3D if volume else MASK_SUFFIXES_2D
-    if not path.name.lower().endswith(allowed):
-        kind = "a volume" if volume else "a 2D image"
-        raise ValueError(f"--out {path}: the mask of {kind} can be written as {', '.join(allowed)}")
 
 
 def _report_errors(results: Sequence[object]) -> int:

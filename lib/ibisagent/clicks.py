@@ -16,13 +16,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
 from ibisagent.metrics import iou
 
 if TYPE_CHECKING:
-    from ibisagent.tools.base import ImageSession
+    from ibisagent.tools.base import ImageSession, Prediction
 
 ErrorRule = Literal["peak", "area"]
 
@@ -62,6 +63,8 @@ def padded_distance(region: np.ndarray) -> np.ndarray:
 
     Computed on the region's bounding box with a one-pixel ring (exact: the ring holds the nearest non-region pixel
     of every box pixel, or stands for the image border), so the cost follows the error region, not the image.
+    OpenCV's exact Euclidean transform (``cv2.distanceTransform``, ``DIST_MASK_PRECISE``), several times faster than
+    ``scipy.ndimage.distance_transform_edt`` with the same distances.
 
     Args:
         region: (H, W) bool.
@@ -76,7 +79,8 @@ def padded_distance(region: np.ndarray) -> np.ndarray:
         return out
     box = boxes[0]
     padded = np.pad(region[box], 1, mode="constant", constant_values=False)
-    out[box] = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+    dist = cv2.distanceTransform(padded.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    out[box] = dist[1:-1, 1:-1]
     return out
 
 
@@ -163,6 +167,35 @@ class SimulatedStep:
     mask: np.ndarray
     iou: float
     seconds: float
+
+
+def predict_in_order(
+    session: ImageSession, clicks: Sequence[Click], prior_logits: np.ndarray | None = None
+) -> Prediction:
+    """The mask of a click sequence, the clicks applied one at a time: call ``n`` gets ``clicks[:n]`` and call
+    ``n - 1``'s logits, the same chaining as :func:`simulate` and the agent. Use it wherever a known list of clicks
+    becomes a mask (the app's ``ibisagent`` and ``ibisagent_clicks`` infer tasks), so the same clicks give the
+    same mask on every path and for every tool.
+
+    Args:
+        session: the tool's encoding of the image.
+        clicks: at least one click, pixel ``(x, y)`` in the encoded image, in the order they were made.
+        prior_logits: logits to start from (e.g. ``session.logits_from_mask(existing_mask)``), else ``None``.
+
+    Returns:
+        The last call's :class:`~ibisagent.tools.base.Prediction`.
+
+    Raises:
+        ValueError: for an empty ``clicks`` (and whatever the tool raises for a click outside the image).
+    """
+    if not clicks:
+        raise ValueError("predict_in_order needs at least one click")
+    logits = prior_logits
+    prediction = None
+    for n in range(1, len(clicks) + 1):
+        prediction = session.predict(list(clicks[:n]), logits)
+        logits = prediction.logits
+    return prediction
 
 
 #: Default stopping rule of simulation and evaluation (the issue's NoC protocol): IoU ≥ 0.90 or 20 clicks.

@@ -16,21 +16,31 @@ written with a single ``os.write`` on an ``O_APPEND`` descriptor and ``fsync``-e
 rewritten. A crash mid-write can leave a torn last line (bytes after the last newline): :meth:`CorrectionStore.repair`
 (run when the app starts, and before every append) truncates it, so that the file stays plain JSONL for any reader;
 readers of this module skip a torn tail anyway.
+
+:class:`AgentOutputStore` keeps the agent's masks that await a correction (Slicer never sends the model's own output
+back, so the app stores it at infer time), and :func:`derive_corrections` turns a saved label plus those outputs
+into correction records — the whole correction loop, behind the MONAI Label app's ``on_save_label``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterator
+import re
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ibisagent.clicks import DEFAULT_IOU_STOP, DEFAULT_MAX_CLICKS, simulate
-from ibisagent.data.trajectory import StepRecord, TrajectoryRecord, rle_encode
+from ibisagent.data.trajectory import StepRecord, TrajectoryRecord, rle_decode, rle_encode
+from ibisagent.fileio import atomic_write_text
 from ibisagent.metrics import dice, iou
 from ibisagent.policies.oracle import oracle_step_records
 from ibisagent.tools.base import ImageSession, check_image
@@ -203,3 +213,135 @@ def _truncate_torn_tail(fd: int, path: Path) -> int:
     os.fsync(fd)
     logger.warning("%s: removed a torn last line of %d bytes (interrupted write)", path, size - keep)
     return size - keep
+# ------------------------------------------------------------------------------------------ outputs awaiting review
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
+
+
+def check_image_id(image_id: Any) -> str:
+    """An image id usable as a file name: letters, digits, ``. _ + -``, no ``..``; else ``ValueError``."""
+    if not isinstance(image_id, str) or not _SAFE_ID.match(image_id) or ".." in image_id or len(image_id) > 255:
+        raise ValueError(f"invalid image id {image_id!r}: use letters, digits and . _ + - only (no path separators, "
+                         f"no '..')")
+    return image_id
+
+
+class AgentOutputStore:
+    """The agent's last masks per (image id, slice), kept until a radiologist's label for the image is saved.
+
+    One JSON file per image id under ``root`` (masks as RLE), written atomically. Each read-modify-write holds a
+    thread lock and an exclusive ``flock`` on ``root/.lock``, so several server workers never lose each other's
+    entries. Entries hold ``instruction``, ``targets``, ``tool``, ``policy``, ``modality``, ``answer``,
+    ``stop_reason`` and ``masks`` (target → (H, W) bool).
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.root / ".lock", "a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _path(self, image_id: str) -> Path:
+        return self.root / f"{check_image_id(image_id)}.json"
+
+    def put(self, image_id: str, slice_key: int, entry: Mapping[str, Any], masks: Mapping[str, np.ndarray]) -> None:
+        """Keep ``entry`` and ``masks`` (target → (H, W) bool) for slice ``slice_key`` (0 for 2D images)."""
+        stored = {**entry, "masks": {name: rle_encode(m) for name, m in masks.items()}}
+        with self._exclusive():
+            data = self._read(image_id)
+            data[str(slice_key)] = stored
+            atomic_write_text(self._path(image_id), json.dumps(data))
+
+    def peek(self, image_id: str) -> dict[int, dict[str, Any]]:
+        """All stored outputs of the image (slice → entry with decoded ``masks``), leaving them in place."""
+        with self._exclusive():
+            return self._decoded(self._read(image_id))
+
+    def take(self, image_id: str) -> dict[int, dict[str, Any]]:
+        """All stored outputs of the image (slice → entry with decoded ``masks``), removing them."""
+        with self._exclusive():
+            data = self._read(image_id)
+            self._path(image_id).unlink(missing_ok=True)
+        return self._decoded(data)
+
+    def has(self, image_id: str) -> bool:
+        return self._path(image_id).is_file()
+
+    @staticmethod
+    def _decoded(data: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        out = {}
+        for key, entry in data.items():
+            entry["masks"] = {name: rle_decode(rle) for name, rle in entry.get("masks", {}).items()}
+            out[int(key)] = entry
+        return out
+
+    def _read(self, image_id: str) -> dict[str, Any]:
+        path = self._path(image_id)
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            logger.warning("%s: unreadable agent output, ignored", path)
+            return {}
+
+
+def derive_corrections(
+    image: Any,
+    label: np.ndarray,
+    outputs: Mapping[int, Mapping[str, Any]],
+    tool: Any,
+    image_id: str,
+    *,
+    client_id: str | None = None,
+    time: dt.datetime | None = None,
+) -> list[TrajectoryRecord]:
+    """Correction records from a saved label and the agent outputs it corrects.
+
+    Args:
+        image: the :class:`~ibisagent.imaging.Image` the agent worked on.
+        label: the saved label on ``image``'s grid (``(Z, Y, X)`` for a volume, ``(H, W)`` for 2D): non-zero =
+            the target for one target; value ``i`` = target ``i`` (1-based, the entry's order) for several.
+        outputs: slice → stored entry (:meth:`AgentOutputStore.take`).
+        tool: the segmenter the agent used (:func:`ibisagent.tools.load_tool`); each slice is encoded once.
+        image_id: the datastore id, stored as the records' image reference.
+        client_id: the MONAI Label client id of whoever saved the label.
+        time: when it was saved (default: now, UTC).
+
+    Returns:
+        One record per (slice, target), source ``"correction"``, with ``client_id`` and ``time``.
+
+    Raises:
+        ValueError: the label's shape differs from the image's.
+    """
+    from ibisagent.volume import slice_rgb
+
+    expected = image.array.shape if image.is_volume else image.array.shape[:2]
+    label = np.asarray(label)
+    if label.shape != tuple(expected):
+        raise ValueError(f"saved label shape {label.shape} does not match image shape {tuple(expected)}")
+    when = (time or dt.datetime.now(dt.timezone.utc)).isoformat(timespec="seconds")
+    records = []
+    for k, entry in sorted(outputs.items()):
+        rgb = slice_rgb(image, k)
+        session = tool.encode(rgb)
+        plane = label[k] if image.is_volume else label
+        targets = list(entry["targets"])
+        for index, target in enumerate(targets):
+            final = plane == index + 1 if len(targets) > 1 else plane != 0
+            record = correction_record(
+                rgb, entry["masks"][target], np.asarray(final), session, entry["instruction"], image_id,
+                case_id=f"{image_id}:{k}" if image.is_volume else image_id, target=target,
+                tool_name=entry["tool"], modality=image.modality, slice=k if image.is_volume else None,
+            )
+            record.client_id, record.time = client_id, when
+            records.append(record)
+    return records

@@ -115,7 +115,8 @@ def _trajectory_record(
                                           else np.zeros_like(target))
     return TrajectoryRecord(
         id=case.id, instruction=case.instruction, image=str(case.image), target=name, tool=tool, source="simulated",
-        modality=case.modality, slice=case.slice, steps=records, final_iou=round(iou(final, target), 6),
+        modality=case.modality, slice=case.slice, window=loaded.window.to_dict(), steps=records,
+        final_iou=round(iou(final, target), 6),
         final_dice=round(dice(final, target), 6), stop_reason=stop,
         answer=None if target.any() else "not present",
     )
@@ -267,6 +268,16 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _settings_line(meta: dict[str, Any]) -> str:
+    """The run's settings in one sentence, naming only those it applied."""
+    line = f"policy `{meta.get('policy')}`, tool `{meta.get('tool')}`"
+    if "iou_stop" in meta:
+        line += f", stop at IoU ≥ {meta['iou_stop']} or {meta.get('max_clicks')} clicks"
+    if "max_turns" in meta:
+        line += f", at most {meta['max_turns']} agent turns; NoC budget {meta.get('max_clicks')} clicks"
+    return line
+
+
 def write_results(out_dir: str | os.PathLike[str], results: Sequence[CaseResult], meta: dict[str, Any],
                   budget: int = DEFAULT_MAX_CLICKS) -> dict[str, Any]:
     """Write ``results.json``, ``results.md`` and the plots into ``out_dir``; returns the aggregate."""
@@ -276,8 +287,7 @@ def write_results(out_dir: str | os.PathLike[str], results: Sequence[CaseResult]
     payload = {"meta": meta, "aggregate": summary, "cases": [r.to_dict() for r in results]}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2) + "\n")
     lines = [f"# Evaluation: {meta.get('manifest', '')}", "",
-             f"policy `{meta.get('policy')}`, tool `{meta.get('tool')}`, stop at IoU ≥ {meta.get('iou_stop')} "
-             f"or {meta.get('max_steps')} clicks", "", format_table(summary), "",
+             _settings_line(meta), "", format_table(summary), "",
              "| case | modality | IoU | Dice | F1 | steps | seconds | error |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.skipped is not None:
@@ -300,9 +310,12 @@ def policy_case(
     """Run the agent (an MLLM policy) on one loaded case and score it against the case's ground truth.
 
     ``steps`` is the number of agent turns; per target, ``steps`` and ``ious`` count the turns that clicked (so NoC
-    counts clicks, as for the oracle). A failing policy backend fails the case (it is not scored as an empty mask).
+    counts clicks, as for the oracle). A failing policy backend fails the case (it is not scored as an empty mask), and
+    so does a run that stopped without a usable answer (:data:`ibisagent.outcome.FAILED_STOPS`): the case's ``error``
+    says why.
     """
     from ibisagent.agent import run_agent
+    from ibisagent.outcome import failure, with_errors
     from ibisagent.policies.base import PolicyError
 
     case = loaded.case
@@ -316,9 +329,15 @@ def policy_case(
                            prompts=prompts, initial_masks=initial)
     truth = {n: (m if m is not None else np.zeros(loaded.rgb.shape[:2], bool)) for n, m in loaded.targets.items()}
     records = trajectory.to_records(case.id, str(case.image), tool.name, modality=case.modality, slice=case.slice,
+                                    window=loaded.window.to_dict(),
                                     ground_truth=truth)
     if trajectory.stop_reason == "policy_error":
         raise PolicyError(trajectory.error or "the policy backend failed")
+    failed = failure(trajectory)
+    if failed is not None:  # the agent gave no usable answer: the case failed, it is not scored as its mask
+        return with_errors(records, trajectory), CaseResult(
+            id=case.id, modality=case.modality, steps=len({s.index for s in trajectory.steps}),
+            seconds=time.perf_counter() - start, error=f"agent stopped {failed}")
     pairs = [(trajectory.masks[n], truth[n]) for n in names]
     steps = len({s.index for s in trajectory.steps})
     targets = []

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -246,3 +247,35 @@ def _extract(text: str, tag: str) -> str | None:
         if f"<{other}>" in body or f"</{other}>" in body:
             raise ProtocolError(f"<{other}> is nested inside <{tag}>")
     return body
+
+
+# ---------------------------------------------------------------------------------------------------- target names
+
+#: Target names are kept this short (they label masks, DICOM-SEG segments and action suffixes).
+TARGET_NAME_MAX = 48
+
+_LEADING_VERB = re.compile(
+    r"^\s*(?:please\s+)?(?:(?:segment|delineate|outline|contour|find|mark|show|label|highlight)\b)?\s*"
+    r"(?:(?:the|an|a|all)\b)?\s*",
+    re.IGNORECASE,
+)
+
+
+def target_name(instruction: str) -> str:
+    """A short target name from an instruction: ``"Segment the left kidney."`` → ``"left kidney"``.
+
+    Leading request words (please, segment, delineate, outline, …) and an article are dropped, trailing punctuation
+    removed, the rest cut to :data:`TARGET_NAME_MAX` characters; ``"target"`` when nothing is left. Square brackets
+    and line breaks (which the action grammar reserves) become spaces.
+    """
+    name = _LEADING_VERB.sub("", instruction).strip().rstrip(".!?;:").strip()
+    name = re.sub(r"[\[\]\s]+", " ", name).strip()[:TARGET_NAME_MAX].strip()
+    return name or "target"
+
+
+def target_names(instruction: str, given: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The targets of a request: the names ``given`` (blank ones dropped), else one derived by :func:`target_name`.
+
+    The one rule for the command line (``segment --target``) and the app (the request's ``target``)."""
+    names = tuple(n.strip() for n in (given or ()) if n and n.strip())
+    return names or (target_name(instruction),)

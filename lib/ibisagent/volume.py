@@ -24,7 +24,7 @@ from ibisagent.agent import AgentConfig, AgentJob, AgentTrajectory, absent_targe
 from ibisagent.imaging import Image, num_slices, slice_of, to_display_rgb
 from ibisagent.policies.base import Policy, PolicyError
 from ibisagent.prompts import Prompts
-from ibisagent.tools.base import SegmentationTool
+from ibisagent.tools.base import ImageSession, SegmentationTool
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def segment_volume(
     window: tuple[float, float] | str | None = None,
     initial_masks: Mapping[str, np.ndarray] | None = None,
     propagation: str = "agent",
+    key_session: ImageSession | None = None,
 ) -> VolumeResult:
     """Segment ``targets`` through a volume (see the module docstring).
 
@@ -89,6 +90,8 @@ def segment_volume(
         initial_masks: target name → (Y, X) bool mask on the key slice to start from (e.g. from the user's clicks).
         propagation: ``"agent"`` (the agent refines every slice from its neighbour's mask) or ``"sam2-video"`` (the
             agent segments the key slice, SAM 2's video memory propagates it; needs a SAM 2 / MedSAM2 tool).
+        key_session: the tool's encoding of the key slice when the caller has it already (e.g. to turn a user's
+            clicks into ``initial_masks``), so the key slice is encoded once.
     """
     if propagation not in ("agent", "sam2-video"):
         raise ValueError(f"propagation must be 'agent' or 'sam2-video', got {propagation!r}")
@@ -113,7 +116,8 @@ def segment_volume(
     def job(k: int, previous: dict[str, np.ndarray] | None) -> AgentJob:
         rgb = slice_rgb(image, k, window)
         initial = {t: m for t, m in (previous or {}).items() if m.any()} or None
-        return AgentJob(session=tool.encode(rgb), image=rgb, instruction=instruction, targets=targets,
+        session = key_session if k == key and key_session is not None else tool.encode(rgb)
+        return AgentJob(session=session, image=rgb, instruction=instruction, targets=targets,
                         initial_masks=initial)
 
     first = run_agents(policy, [job(key, dict(initial_masks or {}))], config, prompts)[0]

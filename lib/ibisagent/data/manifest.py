@@ -17,7 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from ..imaging import Image, ImageError, load_image, load_mask, num_slices, slice_of, to_display_rgb
+from ..imaging import (
+    DisplayWindow,
+    Image,
+    ImageError,
+    display_window,
+    load_image,
+    load_mask,
+    num_slices,
+    slice_of,
+    to_display_rgb,
+)
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 REQUIRED_FIELDS = ("id", "image", "modality", "instruction", "targets")
@@ -88,6 +98,12 @@ class LoadedCase:
     def slice2d(self) -> np.ndarray:
         """The raw intensities behind ``rgb``: ``(H, W)`` or ``(H, W, 3)``."""
         return slice_of(self.image, self.case.slice or 0)
+
+    @property
+    def window(self) -> DisplayWindow:
+        """The display rule that made ``rgb`` (from the image's modality: the manifest's, the file's or the
+        automatic Hounsfield rule)."""
+        return display_window(self.slice2d, self.image.modality)
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[Case | CaseError]:
@@ -224,7 +240,7 @@ def load_case(case: Case) -> LoadedCase:
             not declared absent.
     """
     try:
-        image = load_image(case.image)
+        image = load_image(case.image, modality=case.modality or None)
     except ImageError as exc:
         raise CaseError(case.id, case.image, str(exc), case.line) from exc
     if image.is_volume and case.slice is None:
@@ -236,8 +252,7 @@ def load_case(case: Case) -> LoadedCase:
         plane = slice_of(image, case.slice or 0)
     except ImageError as exc:
         raise CaseError(case.id, case.image, str(exc), case.line) from exc
-    modality = case.modality or image.modality
-    rgb = to_display_rgb(plane, modality)
+    rgb = to_display_rgb(plane, image.modality)
     targets: dict[str, np.ndarray | None] = {}
     for target in case.targets:
         if target.mask is None:

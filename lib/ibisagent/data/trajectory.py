@@ -76,7 +76,12 @@ class StepRecord:
 
 @dataclass
 class TrajectoryRecord:
-    """One trajectory of one target of one case."""
+    """One trajectory of one target of one case.
+
+    ``error`` is the last error text when the trajectory stopped on a failure (unparseable output, a failing policy
+    or tool). A ``"correction"`` record also says who saved the radiologist's label (``client_id``, the MONAI Label
+    client id) and when (``time``, ISO 8601 with the UTC offset).
+    """
 
     id: str
     instruction: str
@@ -86,12 +91,17 @@ class TrajectoryRecord:
     source: Source
     modality: str = ""
     slice: int | None = None
+    window: dict[str, Any] | None = None
+    """The display rule the picture was made with (:meth:`ibisagent.imaging.DisplayWindow.to_dict`)."""
     steps: list[StepRecord] = field(default_factory=list)
     final_iou: float | None = None
     final_dice: float | None = None
     stop_reason: str = ""
     answer: str | None = None
     seconds: float = 0.0
+    error: str | None = None
+    client_id: str | None = None
+    time: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -14,6 +14,7 @@ Axis conventions (used everywhere in :mod:`ibisagent.imaging`):
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ import pydicom
 import SimpleITK as sitk
 from nibabel import orientations as ornt
 from PIL import Image as PILImage
+
+logger = logging.getLogger(__name__)
 
 CANONICAL_AXCODES: tuple[str, str, str] = ("L", "P", "S")
 """Direction each canonical voxel axis ``(x, y, z)`` grows towards (nibabel axis codes)."""
@@ -232,7 +235,11 @@ def load_image(path: str | os.PathLike[str], modality: str | None = None) -> Ima
     Args:
         path: PNG/JPEG (8/16-bit, grey/RGB/RGBA — alpha is dropped), NIfTI (.nii/.nii.gz), NRRD, a single DICOM
             file, or a folder holding one DICOM series (sorted by slice position; the largest series if several).
-        modality: overrides the modality read from the file (DICOM tags) or guessed ("RGB" for colour, "" else).
+        modality: overrides the modality read from the file (DICOM tags) or guessed. Without it, an image whose
+            file names no modality (NIfTI, NRRD, PNG/JPEG/TIFF) is ``"RGB"`` when colour, ``"CT"`` when its values
+            look like Hounsfield units (:func:`ibisagent.imaging.windowing.looks_like_hounsfield`: air, -1100..-700,
+            present and 95 % of the values in -1100..3100), ``""`` otherwise; the choice is logged. ``"CT"`` gets
+            the CT window on display (:func:`ibisagent.imaging.to_display_rgb`).
 
     Returns:
         An :class:`Image`; see the module docstring for axis orders.
@@ -261,7 +268,9 @@ def load_image(path: str | os.PathLike[str], modality: str | None = None) -> Ima
         raise
     except Exception as exc:  # library errors on corrupt content become ImageError naming the file
         raise ImageError(f"{p}: cannot read image ({type(exc).__name__}: {exc})") from exc
-    if modality is not None:
+    if modality is None and not image.modality:
+        modality = _guess_modality(image)
+    if modality is not None and modality != image.modality:
         image = Image(
             array=image.array,
             is_volume=image.is_volume,
@@ -272,6 +281,19 @@ def load_image(path: str | os.PathLike[str], modality: str | None = None) -> Ima
             dicom_files=image.dicom_files,
         )
     return image
+
+
+def _guess_modality(image: Image) -> str | None:
+    """``"CT"`` for a grey image without a modality whose values look like Hounsfield units, else ``None``."""
+    from .windowing import looks_like_hounsfield
+
+    colour = not image.is_volume and image.array.ndim == 3
+    if colour or not looks_like_hounsfield(image.array):
+        return None
+    logger.info("%s: no modality in the file; the values look like CT in Hounsfield units (air present, 95 %% "
+                "within -1100..3100 HU), so it is treated as CT and shown in the CT window; pass a modality to "
+                "override", image.source)
+    return "CT"
 
 
 def _load_pil(path: Path) -> Image:
@@ -353,14 +375,16 @@ def _load_sitk_file(path: Path) -> Image:
     return sitk_image_to_image(img, path, "")
 
 
-def sitk_image_to_image(img: sitk.Image, path: Path, modality: str, dicom_files: tuple[Path, ...] = ()) -> Image:
-    """Wrap a scalar 2D/3D SimpleITK image (array ``[z, y, x]``) as an :class:`Image`."""
+def sitk_image_to_image(img: sitk.Image, path: Path, modality: str, dicom_files: tuple[Path, ...] = (),
+                        affine: np.ndarray | None = None) -> Image:
+    """Wrap a scalar 2D/3D SimpleITK image (array ``[z, y, x]``) as an :class:`Image`; ``affine`` (RAS, of the
+    ``(x, y, z)`` index grid) replaces the image's own geometry when given (a sheared, gantry-tilted stack)."""
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise ImageError(f"{path}: vector/colour pixels are not supported in volumes "
                          f"({img.GetNumberOfComponentsPerPixel()} components)")
     arr = sitk.GetArrayFromImage(img)
     stored = arr.T  # [z, y, x] -> (x, y, z)
-    return _volume_image(stored, sitk_to_ras_affine(img), path, modality, dicom_files)
+    return _volume_image(stored, sitk_to_ras_affine(img) if affine is None else affine, path, modality, dicom_files)
 
 
 def slice_of(image: Image, k: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Masks in (binary PNG, NIfTI, NRRD in the image's geometry) and out (PNG, NIfTI, NRRD), always atomically.
+"""Masks in (binary PNG, NIfTI, NRRD in the image's geometry) and out (PNG, NIfTI, NRRD, DICOM-SEG), always
+atomically. :func:`save_mask_like` is the one writer behind the command line and the app.
 
 Masks are numpy bool arrays in the same axis order as :attr:`Image.array`: ``(H, W)`` indexed ``[y, x]`` for a
 2D image or one axial slice, ``(Z, Y, X)`` for a whole volume.
@@ -7,6 +8,7 @@ Masks are numpy bool arrays in the same axis order as :attr:`Image.array`: ``(H,
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -148,6 +150,14 @@ def _check_geometry(path: Path, mask: Image, image: Image) -> None:
         )
 
 
+def is_sheared(affine: np.ndarray, tolerance: float = 1e-6) -> bool:
+    """Whether a 4x4 affine's voxel axes are not mutually orthogonal (a gantry-tilted stack)."""
+    cols = np.asarray(affine, dtype=float)[:3, :3]
+    unit = cols / np.linalg.norm(cols, axis=0)
+    gram = unit.T @ unit
+    return bool(np.abs(gram - np.eye(3)).max() > tolerance)
+
+
 def save_mask_png(mask2d: np.ndarray, path: str | os.PathLike[str]) -> Path:
     """Write a 2D mask ``(H, W)`` as an 8-bit PNG with values 0 and 255 (atomically). Returns ``path``."""
     mask = np.asarray(mask2d)
@@ -179,20 +189,54 @@ def full_mask(mask: np.ndarray, image: Image, slice: int | None = None) -> np.nd
     return mask
 
 
-def save_mask_like(mask: np.ndarray, image: Image, path: str | os.PathLike[str], slice: int | None = None) -> Path:
-    """Write ``mask`` in the source geometry of ``image`` (atomically).
+#: Mask output suffixes for DICOM sources only (DICOM-SEG).
+DICOM_SEG_SUFFIXES = (".dcm",)
+
+
+def check_mask_output(path: str | os.PathLike[str], image: Image) -> Path:
+    """Reject an output file that cannot hold ``image``'s mask before any work: PNG only for 2D images, ``.dcm``
+    (DICOM-SEG) only for DICOM sources. Raises :class:`ImageError` naming the formats that fit."""
+    p = Path(path)
+    allowed = [".nii", ".nii.gz", ".nrrd"] + ([] if image.is_volume else [".png"])
+    if image.dicom_files:
+        allowed.append(".dcm")
+    if not p.name.lower().endswith(tuple(allowed)):
+        kind = "a volume" if image.is_volume else "a 2D image"
+        source = "DICOM" if image.dicom_files else "non-DICOM"
+        raise ImageError(f"{p}: the mask of {kind} ({source} source) can be written as {', '.join(allowed)}")
+    return p
+
+
+def save_mask_like(
+    mask: np.ndarray,
+    image: Image,
+    path: str | os.PathLike[str],
+    slice: int | None = None,  # noqa: A002
+    *,
+    label_names: Sequence[str] = ("target",),
+    provenance: object | None = None,
+) -> Path:
+    """Write ``mask`` in the source geometry of ``image`` (atomically), in the format ``path``'s suffix names.
 
     Args:
         mask: bool ``(Z, Y, X)`` for a volume, ``(H, W)`` for a 2D image or for axial slice ``slice`` of a volume
             (written as a full volume with only that slice set).
         image: the image the mask was drawn on.
-        path: ``.nii``/``.nii.gz`` (nibabel, the image's own affine and voxel order), ``.nrrd`` (SimpleITK), or
-            ``.png`` (2D only).
+        path: ``.nii``/``.nii.gz`` (nibabel, the image's own affine and voxel order), ``.nrrd`` (SimpleITK),
+            ``.png`` (2D only) or ``.dcm`` (DICOM-SEG referencing a DICOM source, :func:`.seg.save_dicom_seg`).
+            A sheared (gantry-tilted) grid is carried exactly: NRRD's space directions hold it; NIfTI holds it in
+            the sform only (qform code 0), which nibabel reads exactly and ITK-based readers refuse.
+        label_names: the segment names (DICOM-SEG; one per segment).
+        provenance: a :class:`.seg.Provenance` for DICOM-SEG (how the mask was made).
 
     Returns:
         ``path``. Values are uint8 0/1 in NIfTI/NRRD, 0/255 in PNG.
     """
     p = Path(path)
+    if has_suffix(p, DICOM_SEG_SUFFIXES):
+        from .seg import save_dicom_seg
+
+        return save_dicom_seg(mask, image, p, label_names, slice=slice, provenance=provenance)  # type: ignore[arg-type]
     full = full_mask(mask, image, slice)
     if has_suffix(p, PNG_SUFFIXES):
         if full.ndim != 2:
@@ -205,7 +249,12 @@ def save_mask_like(mask: np.ndarray, image: Image, path: str | os.PathLike[str],
     if has_suffix(p, NIFTI_SUFFIXES):
         nii = nib.Nifti1Image(stored, image.geometry.source_affine)
         nii.set_data_dtype(np.uint8)
-        nii.set_qform(image.geometry.source_affine, code=1)
+        if is_sheared(image.geometry.source_affine):
+            # a gantry-tilted grid: the qform cannot hold a shear, so only the (exact) sform is written; readers
+            # that would take an approximate qform (ITK, Slicer) refuse the file instead of misplacing the mask
+            nii.set_qform(None, code=0)
+        else:
+            nii.set_qform(image.geometry.source_affine, code=1)
         nii.set_sform(image.geometry.source_affine, code=1)
         with atomic_path(p) as tmp:
             nib.save(nii, str(tmp))

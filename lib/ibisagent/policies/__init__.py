@@ -56,10 +56,7 @@ def load_policy(spec: str, device: str | None = None, timeout: float | None = No
     if kind == "openai" and rest:
         from ibisagent.policies.openai import OpenAIPolicy
 
-        url, sep, model = rest.rpartition("#")
-        if not sep or not url or not model:
-            raise ValueError(f"openai policy spec must be openai:URL#MODEL, got {spec!r}")
-        return OpenAIPolicy(url, model) if timeout is None else OpenAIPolicy(url, model, timeout=timeout)
+        return OpenAIPolicy.from_spec(rest) if timeout is None else OpenAIPolicy.from_spec(rest, timeout=timeout)
     if kind == "vllm" and rest:
         from ibisagent.policies.vllm import VLLMPolicy
 

@@ -11,6 +11,11 @@ the deadline; that thread drops the connection at its next chunk.)
 With ``stream=True`` the reply is read as server-sent events and the time to the first content chunk is reported as
 ``prefill_seconds`` (the rest as ``decode_seconds``); without streaming the whole latency is ``decode_seconds`` and
 ``prefill_seconds`` is 0.
+
+Servers started with a reasoning parser (``vllm serve --reasoning-parser …``, SGLang's ``--reasoning-parser``) split the
+``<think>`` block out of the reply into ``message.reasoning_content`` (streamed: ``delta.reasoning_content``; newer
+vLLM and some gateways name it ``reasoning``, Ollama ``thinking``) and leave the rest in ``content``.
+:func:`rebuild_turn` puts the turn back together in the action grammar, so a split reply parses as the unsplit one.
 """
 
 from __future__ import annotations
@@ -36,14 +41,83 @@ from ibisagent.policies.base import Conversation, Generation, GenerationOptions,
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
+#: Reply fields that carry the split-out reasoning, in the order they are read (vLLM < 0.10 and SGLang; vLLM ≥ 0.10
+#: and OpenRouter; Ollama).
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+
+_THINK_OPEN = "<think>"
+_THINK_CLOSE = "</think>"
+_TURN_TAGS = ("<action>", "<answer>")
+
+
 def parse_openai_spec(rest: str) -> tuple[str, str]:
-    """``URL#MODEL`` (the part after ``openai:``) → ``(base_url, model)``. The model may be empty (server default)."""
+    """``URL#MODEL`` (the part after ``openai:``) → ``(base_url, model)``, the one parser of this spec.
+
+    The URL ends at the first ``#`` (a URL's fragment means nothing to an API), so a model name may itself contain
+    ``#``. The model may be empty (the server's default model). The base URL is normalised by
+    :func:`normalise_base_url` (``/v1`` added to a bare host, kept when given).
+
+    Raises:
+        ValueError: no URL.
+    """
     url, sep, model = rest.partition("#")
-    if not url:
+    if not url.strip():
         raise ValueError(f"openai policy spec needs a URL: 'openai:URL#MODEL', got 'openai:{rest}'")
-    if not sep:
-        model = ""
-    return url, model
+    return normalise_base_url(url), model.strip() if sep else ""
+
+
+def _strip_think_tags(text: str) -> str:
+    return text.replace(_THINK_OPEN, "").replace(_THINK_CLOSE, "").strip()
+
+
+def rebuild_turn(content: str | None, reasoning: str | None) -> str:
+    """The model's whole turn from a reasoning-parser reply: ``<think>reasoning</think>`` followed by ``content``.
+
+    Handles every shape servers produce:
+
+    - no reasoning: ``content`` unchanged;
+    - the split shape (reasoning without tags, the action in ``content``): joined;
+    - the think block in both fields (servers that also echo it): ``content`` is kept, the copy is not repeated;
+    - ``content`` empty, everything in the reasoning (the model never closed ``</think>``, so the parser kept the
+      action inside the reasoning): split at the first ``<action>`` / ``<answer>`` tag;
+    - ``content`` starting after a lone ``</think>`` (chat templates that open ``<think>`` in the prompt).
+
+    Args:
+        content: ``message.content`` (or the joined ``delta.content``); ``None`` counts as empty.
+        reasoning: the reasoning field's text; ``None`` or empty when the server has no reasoning parser.
+
+    Returns:
+        One string in the action grammar (:mod:`ibisagent.protocol`), for the lenient parser.
+    """
+    content = content or ""
+    reasoning = reasoning or ""
+    if not reasoning.strip():
+        if _THINK_CLOSE in content and _THINK_OPEN not in content:
+            return _THINK_OPEN + "\n" + content.strip()
+        return content
+    if _THINK_OPEN in content:  # the think block is in the content already: the reasoning is a copy
+        return content
+    think = _strip_think_tags(reasoning)
+    rest = content
+    if _THINK_CLOSE in rest:  # "…more reasoning</think><action>…"
+        more, _, rest = rest.partition(_THINK_CLOSE)
+        think = (think + "\n" + more.strip()).strip()
+    if not rest.strip():
+        cuts = [i for i in (think.find(tag) for tag in _TURN_TAGS) if i >= 0]
+        if cuts:
+            cut = min(cuts)
+            think, rest = think[:cut].strip(), think[cut:]
+    return f"{_THINK_OPEN}\n{think}\n{_THINK_CLOSE}\n{rest.strip()}"
+
+
+def reasoning_of(message: dict[str, Any]) -> str:
+    """The split-out reasoning of a reply ``message`` or stream ``delta`` (the first of :data:`REASONING_FIELDS` that
+    holds text), or ``""``."""
+    for name in REASONING_FIELDS:
+        value = message.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 def normalise_base_url(url: str) -> str:
@@ -266,7 +340,8 @@ class OpenAIPolicy(Policy):
         if "choices" not in data:
             raise KeyError(f"no 'choices' in {json.dumps(data)[:300]}")
         choice = data["choices"][0]
-        text = choice["message"].get("content") or ""
+        message = choice["message"]
+        text = rebuild_turn(message.get("content"), reasoning_of(message))
         usage = data.get("usage") or {}
         return Generation(
             text=text,
@@ -281,6 +356,7 @@ class OpenAIPolicy(Policy):
         t0 = time.perf_counter()
         first: float | None = None
         pieces: list[str] = []
+        thoughts: list[str] = []
         chunks = 0
         usage: dict[str, Any] = {}
         finish = None
@@ -303,17 +379,19 @@ class OpenAIPolicy(Policy):
                 model = data.get("model", model)
                 usage = data.get("usage") or usage
                 for choice in data.get("choices") or []:
-                    delta = (choice.get("delta") or {}).get("content")
-                    if delta:
+                    delta = choice.get("delta") or {}
+                    text, thought = delta.get("content"), reasoning_of(delta)
+                    if text or thought:
                         if first is None:
                             first = time.perf_counter()
-                        pieces.append(delta)
+                        pieces.append(text or "")
+                        thoughts.append(thought)
                         chunks += 1
                     finish = choice.get("finish_reason") or finish
         t1 = time.perf_counter()
         first = first if first is not None else t1
         return Generation(
-            text="".join(pieces),
+            text=rebuild_turn("".join(pieces), "".join(thoughts)),
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or chunks),
             prefill_seconds=first - t0,

@@ -10,13 +10,20 @@ Method (histogram likelihood + geodesic veto of negative clicks + contrast-sensi
    never cross a boundary.
 3. Intensity unary (MONAI Label's scribbles recipe, ``monailabel.scribbles``): log-ratio of the positive-seed
    histogram to a background model = whole-image histogram + negative-seed histogram, both smoothed with a
-   Laplace kernel as wide as the noise, so an intermediate grey level goes to the nearer mode.
+   Laplace kernel as wide as the noise, so an intermediate grey level goes to the nearer mode. Targets made of
+   several tissues (grey blob-like seeds): positive clicks are grouped by the grey level they fell on
+   (:func:`tissue_groups`), each group has its own histogram and the unary is the maximum over groups, so clicks
+   on white matter, grey matter and CSF of one brain grow one mask over all three.
 4. Negative clicks veto geodesically: where the geodesic distance (``skimage.graph.MCP_Geometric`` on the
    gradient cost) to a negative seed is shorter than to a positive one, the unary is pushed to background, so a
    negative click removes only the wrongly included part it sits in.
 5. The previous call's logits enter as a weak soft unary (chaining); seeds are hard constraints; a 4-connected
    contrast-sensitive graph cut (``numpymaxflow.maxflow``) gives the mask; components without a positive click
    are dropped. Logits = unary magnitude with the mask's sign.
+6. Click invariants (property-tested in ``tests/test_embedded_invariants.py``): the pixel under each click has the
+   click's sign; a positive click removes at most :data:`POSITIVE_REMOVAL_BOUND` of the previous mask outside
+   negative seeds; clicks given at once (no prior) are applied one at a time with chained logits, so at once and
+   one by one give the same mask.
 
 Colour, thin structures, large images, speed:
 
@@ -24,7 +31,7 @@ Colour, thin structures, large images, speed:
   switched on only when the positive seeds sit on ridges (thin curves, rings; see ``GREY_RIDGE_WEIGHT``); with
   the gate off the result is exactly the grey-level-only one. Colour inputs get one histogram likelihood per
   principal component of RGB (decorrelated, summed naive-Bayes style and clipped) plus a signed ridge channel
-  (``skimage.filters.sato``, bright minus dark ridges, summed over channels), weighted ``RIDGE_WEIGHT``, so that
+  (:func:`fast_ridge` on each channel, summed), weighted ``RIDGE_WEIGHT``, so that
   vessels that show up only in the green channel are found. The graph-cut contrast then uses all three channels.
 * Images above ``WORK_MAX_SIZE`` px per side are processed on a grid downsampled by an integer factor (area
   mean); logits are upsampled bilinearly and the mask is ``logits > 0`` at full resolution.
@@ -116,6 +123,12 @@ ROI_UNARY = 3.9
 ROI_MARGIN = 8
 #: Above this fraction of the image the ROI is not worth it: cut the whole image.
 ROI_MAX_FRACTION = 0.6
+#: Positive clicks whose median bins (of 64) differ by more than this are different tissues of one target, each
+#: with its own foreground histogram (:func:`tissue_groups`).
+GROUP_MERGE_BINS = 4.0
+#: A positive click may drop at most this fraction of the previous mask (outside negative seeds); beyond it, the
+#: previous mask is kept whole (see :func:`_settle`).
+POSITIVE_REMOVAL_BOUND = 0.05
 #: Per-session memo of per-click geodesic distances (entries), cleared when full.
 GEO_CACHE_SIZE = 512
 
@@ -269,7 +282,7 @@ def compute_features(image: np.ndarray) -> _Features:
         comps = (evecs.T @ centred).reshape(3, *smooth.shape[1:])
         channels = [_unit(comps[k]) for k in range(3) if np.sqrt(evals[k]) >= COLOUR_MIN_SD_FRACTION * np.sqrt(evals[0])]
         if RIDGE_WEIGHT > 0:
-            channels.append(_unit(ridge_feature(smooth)))
+            channels.append(_unit(sum(fast_ridge(ch) for ch in smooth)))
         grey = channels[0]
         per = [_likelihood_channel(ch) for ch in channels]
         all_bins = np.stack([p[0] for p in per])
@@ -315,6 +328,16 @@ def _seed_radius(click: Click, edge_distance: np.ndarray) -> int:
     return int(np.clip(SEED_EDGE_FRACTION * edge_distance[click.y, click.x], SEED_MIN_RADIUS, SEED_MAX_RADIUS))
 
 
+def click_disk(click: Click, edge_distance: np.ndarray) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The seed disk of one click: its bounding box in the work grid and the (h, w) bool disk inside it."""
+    shape = edge_distance.shape
+    radius = _seed_radius(click, edge_distance)
+    y0, y1 = max(click.y - radius, 0), min(click.y + radius + 1, shape[0])
+    x0, x1 = max(click.x - radius, 0), min(click.x + radius + 1, shape[1])
+    yy, xx = np.ogrid[y0:y1, x0:x1]
+    return (slice(y0, y1), slice(x0, x1)), (yy - click.y) ** 2 + (xx - click.x) ** 2 <= radius * radius
+
+
 def seed_masks(
     clicks: Sequence[Click], edge_distance: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -323,12 +346,8 @@ def seed_masks(
     pos = np.zeros(shape, dtype=bool)
     neg = np.zeros(shape, dtype=bool)
     for c in clicks:
-        radius = _seed_radius(c, edge_distance)
-        y0, y1 = max(c.y - radius, 0), min(c.y + radius + 1, shape[0])
-        x0, x1 = max(c.x - radius, 0), min(c.x + radius + 1, shape[1])
-        yy, xx = np.ogrid[y0:y1, x0:x1]
-        disk = (yy - c.y) ** 2 + (xx - c.x) ** 2 <= radius * radius
-        (pos if c.positive else neg)[y0:y1, x0:x1] |= disk
+        box, disk = click_disk(c, edge_distance)
+        (pos if c.positive else neg)[box] |= disk
     # A later click wins where disks of opposite sign overlap.
     for c in clicks:
         (pos if c.positive else neg)[c.y, c.x] = True
@@ -336,20 +355,41 @@ def seed_masks(
     return pos & ~neg, neg
 
 
-def intensity_llr(feats: _Features, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+def intensity_llr(
+    feats: _Features, pos: np.ndarray, neg: np.ndarray, groups: Sequence[np.ndarray] = ()
+) -> np.ndarray:
     """Per-pixel foreground log-likelihood ratio from seed histograms, (h, w) float32 in [-LLR_CLIP, LLR_CLIP].
 
     One histogram ratio per likelihood channel (grey: one; colour: decorrelated principal components), summed.
+    With ``groups`` ((h, w) bool seed pixels of each tissue class the positive clicks fell on, see
+    :func:`tissue_groups`), each group gets its own foreground histogram and the ratio is the maximum over groups:
+    a pixel is foreground when it looks like *any* clicked tissue, so a target made of several tissues grows to
+    their union. Without groups (or with one), the histogram of all ``pos`` pixels.
     """
-    uniform = np.full(N_BINS, 1.0 / N_BINS)
-    total = None
     ridge_weight = feats.ridge_weight
     if feats.ridge_strength is not None:
-        frac = float((feats.ridge_strength[pos] >= 1.0).mean()) if pos.any() else 0.0
-        ridge_weight *= float(np.clip((frac - RIDGE_GATE_LO) / (RIDGE_GATE_HI - RIDGE_GATE_LO), 0.0, 1.0))
+        ridge_weight *= ridge_gate(feats, pos)
+    if len(groups) < 2:
+        return _pooled_llr(feats, pos, neg, ridge_weight)
+    return np.max([_pooled_llr(feats, g, neg, ridge_weight) for g in groups], axis=0)
+
+
+def ridge_gate(feats: _Features, pos: np.ndarray) -> float:
+    """Grey images: the gate in [0, 1] of the ridge channel (fraction of positive-seed pixels on strong ridges,
+    mapped linearly from RIDGE_GATE_LO to RIDGE_GATE_HI); 1 for colour images."""
+    if feats.ridge_strength is None:
+        return 1.0
+    frac = float((feats.ridge_strength[pos] >= 1.0).mean()) if pos.any() else 0.0
+    return float(np.clip((frac - RIDGE_GATE_LO) / (RIDGE_GATE_HI - RIDGE_GATE_LO), 0.0, 1.0))
+
+
+def _pooled_llr(feats: _Features, fg_pixels: np.ndarray, neg: np.ndarray, ridge_weight: float) -> np.ndarray:
+    """Log-ratio of the histogram of ``fg_pixels`` to the background model, summed over likelihood channels."""
+    uniform = np.full(N_BINS, 1.0 / N_BINS)
+    total = None
     for k in range(feats.bins.shape[0]):
         bins = feats.bins[k]
-        fg = _density(np.bincount(bins[pos], minlength=N_BINS), feats.kernel_bins[k])
+        fg = _density(np.bincount(bins[fg_pixels], minlength=N_BINS), feats.kernel_bins[k])
         fg = (1.0 - UNIFORM_MIX) * fg + UNIFORM_MIX * uniform
         bg = feats.global_hist[k]
         if neg.any():
@@ -365,6 +405,37 @@ def intensity_llr(feats: _Features, pos: np.ndarray, neg: np.ndarray) -> np.ndar
     if feats.bins.shape[0] > 1:
         total = np.clip(total, -LLR_CLIP, LLR_CLIP)
     return total
+
+
+def tissue_groups(feats: _Features, clicks: Sequence[Click], pos: np.ndarray) -> list[np.ndarray]:
+    """Group the positive clicks by the tissue they fell on: (h, w) bool seed pixels per group, in click order.
+
+    A click joins the first group whose first click's median bin (first likelihood channel: grey level or colour
+    PC1) is within :data:`GROUP_MERGE_BINS` of its own, else it starts a new group. Clicks on one homogeneous target
+    make one group (the pooled histogram, as before); clicks on white matter, grey matter and CSF of one brain make
+    three.
+    """
+    heads: list[float] = []
+    groups: list[np.ndarray] = []
+    bins = feats.bins[0]
+    for c in clicks:
+        if not c.positive:
+            continue
+        box, disk = click_disk(c, feats.edge_distance)
+        seed = np.zeros(pos.shape, bool)
+        seed[box] = disk
+        seed &= pos
+        if not seed.any():
+            continue
+        level = float(np.median(bins[seed]))
+        for i, head in enumerate(heads):
+            if abs(level - head) <= GROUP_MERGE_BINS:
+                groups[i] |= seed
+                break
+        else:
+            heads.append(level)
+            groups.append(seed)
+    return groups
 
 
 def _seed_cells(click: Click, edge_distance: np.ndarray, factor: int) -> list[tuple[int, int]]:
@@ -416,6 +487,28 @@ def cut_roi(unary: np.ndarray, anchor: np.ndarray) -> tuple[slice, slice] | None
     return slice(y0, y1), slice(x0, x1)
 
 
+def _settle(
+    mask: np.ndarray, logits: np.ndarray, clicks: Sequence[Click], keep: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Final (H, W) mask and logits.
+
+    ``keep`` ((H, W) bool or None): after a positive click, the previous mask outside negative seeds. If the new
+    mask drops more than :data:`POSITIVE_REMOVAL_BOUND` of it, ``keep`` is added back whole, so a positive click
+    can tighten a leaked boundary but never make the mask collapse. Then the pixel under each click is set to the
+    click's sign (the last click on a pixel wins) and the logits get at least :data:`LOGIT_MARGIN` of the mask's
+    sign, so ``mask == logits > 0``.
+    """
+    mask = mask.copy()
+    if keep is not None:
+        removed = keep & ~mask
+        if removed.sum() > POSITIVE_REMOVAL_BOUND * keep.sum():
+            mask |= keep
+    for c in clicks:
+        mask[c.y, c.x] = c.positive
+    logits = np.where(mask, np.maximum(logits, LOGIT_MARGIN), np.minimum(logits, -LOGIT_MARGIN)).astype(np.float32)
+    return mask, logits
+
+
 class EmbeddedSession(ImageSession):
     """Cached features of one image. :meth:`predict` is a pure function of its arguments; the only state it
     writes is a memo of per-click geodesic distances (deterministic values, safe to share between threads)."""
@@ -427,7 +520,22 @@ class EmbeddedSession(ImageSession):
         self._geo_cache: dict[tuple[int, int], np.ndarray] = {}
 
     def predict(self, clicks: Sequence[Click], prior_logits: np.ndarray | None = None) -> Prediction:
+        """Segment from all clicks so far (see :meth:`ImageSession.predict`).
+
+        Clicks given at once without a prior are applied one at a time, each step chained to the previous one's
+        logits, so the answer is the same whether a caller sends all clicks at once or one by one
+        (:func:`ibisagent.clicks.predict_in_order` does the latter for any tool).
+        """
         check_clicks(clicks, self.shape)
+        if prior_logits is None and len(clicks) > 1:
+            prediction = self._step(clicks[:1], None)
+            for n in range(2, len(clicks) + 1):
+                prediction = self._step(clicks[:n], prediction.logits)
+            return prediction
+        return self._step(clicks, prior_logits)
+
+    def _step(self, clicks: Sequence[Click], prior_logits: np.ndarray | None) -> Prediction:
+        """One chained step: ``clicks[-1]`` is the new click, ``prior_logits`` the result of ``clicks[:-1]``."""
         f = self._feats
         prior = self._prior(prior_logits)
         if not clicks:
@@ -435,15 +543,25 @@ class EmbeddedSession(ImageSession):
                 return Prediction(np.zeros(self.shape, bool), np.full(self.shape, -LOGIT_CLIP, np.float32))
             full = self._full_prior(prior_logits)
             return Prediction(full > 0, full)
+        work_clicks = clicks if f.factor == 1 else [Click(c.x // f.factor, c.y // f.factor, c.positive) for c in clicks]
+        mask, logits = self._predict_work(work_clicks, prior)
         if f.factor > 1:
-            clicks = [Click(c.x // f.factor, c.y // f.factor, c.positive) for c in clicks]
-        mask, logits = self._predict_work(clicks, prior)
-        if f.factor == 1:
-            return Prediction(mask, logits)
-        zoom = (self.shape[0] / logits.shape[0], self.shape[1] / logits.shape[1])
-        up = ndimage.zoom(logits, zoom, order=1, grid_mode=True, mode="nearest")[: self.shape[0], : self.shape[1]]
-        up = np.ascontiguousarray(up, dtype=np.float32)
-        return Prediction(up > 0, up)
+            zoom = (self.shape[0] / logits.shape[0], self.shape[1] / logits.shape[1])
+            up = ndimage.zoom(logits, zoom, order=1, grid_mode=True, mode="nearest")[: self.shape[0], : self.shape[1]]
+            logits = np.ascontiguousarray(up, dtype=np.float32)
+            mask = logits > 0
+        keep = None
+        if prior_logits is not None and clicks[-1].positive:
+            # A positive click is evidence for foreground only: what the previous mask held stays, except under
+            # negative clicks' seeds.
+            keep = self._full_prior(prior_logits) > 0
+            if f.factor > 1:
+                _, neg = seed_masks(work_clicks, f.edge_distance)
+                neg = np.repeat(np.repeat(neg, f.factor, axis=0), f.factor, axis=1)[: self.shape[0], : self.shape[1]]
+            else:
+                _, neg = seed_masks(clicks, f.edge_distance)
+            keep &= ~neg
+        return Prediction(*_settle(mask, logits, clicks, keep))
 
     def _predict_work(self, clicks: Sequence[Click], prior: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         f = self._feats
@@ -451,7 +569,10 @@ class EmbeddedSession(ImageSession):
         pos, neg = seed_masks(clicks, f.edge_distance)
         prior_mask = prior > 0 if prior is not None else None
         fg_model = pos | (prior_mask & ~neg) if (prior_mask is not None and not pos.any()) else pos
-        unary = intensity_llr(f, fg_model, neg)
+        # Tissue groups for grey blob-like targets only: on thin structures (ridge gate on) and colour images the
+        # clicks' grey levels vary along one structure, and one pooled histogram does better.
+        groups = tissue_groups(f, clicks, pos) if (f.ridge_strength is not None and ridge_gate(f, pos) == 0) else []
+        unary = intensity_llr(f, fg_model, neg, groups)
         if neg.any() and pos.any():
             d_pos = self._click_distance([c for c in clicks if c.positive])
             d_neg = self._click_distance([c for c in clicks if not c.positive])

@@ -8,7 +8,9 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
-from lib.infers import AgentOutputs, IbisAgentInfer, IbisClicksInfer, Options, Runtime
+from ibisagent.corrections import AgentOutputStore
+
+from lib.infers import IbisAgentInfer, IbisClicksInfer, Options, Runtime
 from lib.trainers import IbisAgentTrain
 
 
@@ -20,7 +22,7 @@ class IbisAgentConfig(TaskConfig):
         self.options = Options.from_conf(conf)
         self.runtime = Runtime(self.options)
         self.data_dir = Path(kwargs["data_dir"])
-        self.outputs = AgentOutputs(self.data_dir / "agent_outputs")
+        self.outputs = AgentOutputStore(self.data_dir / "agent_outputs")
 
     @property
     def corrections_path(self) -> Path:

@@ -2,6 +2,6 @@
 
 from .agent import IbisAgentInfer
 from .clicks import IbisClicksInfer
-from .common import AgentOutputs, Options, Runtime
+from .common import Options, Runtime
 
-__all__ = ["AgentOutputs", "IbisAgentInfer", "IbisClicksInfer", "Options", "Runtime"]
+__all__ = ["IbisAgentInfer", "IbisClicksInfer", "Options", "Runtime"]

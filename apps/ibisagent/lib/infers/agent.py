@@ -1,14 +1,16 @@
 """Infer task ``ibisagent``: instruction (+ optional clicks) → the agent's mask, its reasoning per step and its answer.
 
-Pipeline: load image → pick slice and clicks → display RGB → tool.encode → [user clicks → starting mask] →
-``ibisagent.agent.run_agent`` → mask file in the image's geometry + JSON. The agent's mask is kept (see
-:class:`AgentOutputs`) so that saving the radiologist's corrected label later yields a correction trajectory.
+Pipeline: load image → pick slice and clicks → display RGB (``ibisagent.volume.slice_rgb``) → tool.encode (once) →
+[user clicks → starting mask] → ``ibisagent.agent.run_agent`` / ``ibisagent.volume.segment_volume`` → mask file in the
+image's geometry (``ibisagent.imaging.save_mask_like``) + JSON (``ibisagent.outcome``). The agent's mask is kept
+(``ibisagent.corrections.AgentOutputStore``) so that saving the radiologist's corrected label later yields a correction
+trajectory. A run that failed (unparseable output, failing policy or tool) answers with its mask so far, ``failed``,
+the ``stop_reason`` and the last ``error`` text.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any
 
@@ -16,13 +18,12 @@ from ibisagent.server.limits import check_text
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from .common import (
-    AgentOutputs,
     Runtime,
     bad_request,
-    canonical_to_voxel,
-    display_slice,
+    display_json,
     load_request_image,
     request_clicks,
+    request_modality,
     request_result_extension,
     slice_or_none,
     write_result,
@@ -30,20 +31,11 @@ from .common import (
 
 logger = logging.getLogger(__name__)
 
-_LEADING = re.compile(r"^\s*(?:please\s+)?(?:segment|delineate|outline|find|mark|show)?\s*(?:the|a|an|all)?\s*",
-                      re.IGNORECASE)
-
-
-def target_from_instruction(instruction: str) -> str:
-    """A short target name from the instruction ("Segment the left kidney." → "left kidney")."""
-    name = _LEADING.sub("", instruction).strip().rstrip(".!?").strip()
-    return (name or "target")[:48]
-
 
 class IbisAgentInfer(InferTask):
     """MONAI Label infer task over :func:`ibisagent.agent.run_agent` (type ``deepgrow`` so clients show clicks)."""
 
-    def __init__(self, runtime: Runtime, outputs: AgentOutputs | None, dimension: int = 3) -> None:
+    def __init__(self, runtime: Runtime, outputs: Any, dimension: int = 3) -> None:
         super().__init__(
             type=InferType.DEEPGROW,
             labels=None,
@@ -59,7 +51,11 @@ class IbisAgentInfer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         from ibisagent.agent import AgentConfig, run_agent
-        from ibisagent.volume import segment_volume
+        from ibisagent.clicks import predict_in_order
+        from ibisagent.imaging import Provenance
+        from ibisagent.outcome import failures, last_error, trajectory_json
+        from ibisagent.protocol import target_names
+        from ibisagent.volume import segment_volume, slice_rgb
 
         start = time.perf_counter()
         opts = self.runtime.options
@@ -68,26 +64,27 @@ class IbisAgentInfer(InferTask):
             raise bad_request("missing instruction: send params {\"instruction\": \"Segment the ...\"}")
         instruction = check_text(instruction, "instruction", opts.max_instruction_chars)
         target = check_text(str(request.get("target") or ""), "target", opts.max_instruction_chars)
-        target = target or target_from_instruction(instruction)
+        target = target_names(instruction, [target])[0]
         max_steps = _max_steps(request.get("max_steps"), opts.max_steps)
-        image = load_request_image(request["image"], opts.max_pixels)
+        image = load_request_image(request["image"], request_modality(request, opts.modality), opts.max_pixels)
         request_result_extension(request, image)
         where = request_clicks(image, request)
-        rgb = display_slice(image, where.slice)
+        rgb = slice_rgb(image, where.slice)
         loaded = time.perf_counter()
 
         try:
-            session = self.runtime.tool().encode(rgb)
+            session = self.runtime.tool().encode(rgb)  # the key slice, encoded once for the clicks and the agent
             encoded = time.perf_counter()
             initial = None
             if where.clicks:
-                initial = {target: session.predict(list(where.clicks)).mask}
+                initial = {target: predict_in_order(session, list(where.clicks)).mask}
             policy = self.runtime.policy()
             config = AgentConfig(max_steps=max_steps, history=opts.history,  # type: ignore[arg-type]
                                  time_limit=opts.time_limit)
             if image.is_volume and _flag(request.get("propagate", True)):
                 volume = segment_volume(policy, self.runtime.tool(), image, instruction, [target],
-                                        key_slice=where.slice, config=config, initial_masks=initial)
+                                        key_slice=where.slice, config=config, initial_masks=initial,
+                                        key_session=session)
                 per_slice = dict(sorted(volume.slices.items()))
                 mask = volume.masks[target]
             else:
@@ -100,20 +97,24 @@ class IbisAgentInfer(InferTask):
             raise bad_request(f"agent failed: {type(exc).__name__}: {exc}", 500) from exc
 
         trajectory = per_slice[where.slice]
-        label_file = write_result(mask, image, where.slice, request, [target])
-        steps = [_step_json(step, image, where.slice) for step in trajectory.steps]
+        provenance = Provenance(policy=opts.policy, tool=opts.tool, person=bool(where.clicks))
+        label_file = write_result(mask, image, where.slice, request, [target], provenance)
+        key = trajectory_json(trajectory, image, where.slice)
+        failed = failures((k if image.is_volume else None, t) for k, t in per_slice.items())
         result: dict[str, Any] = {
             "label_names": {target: 1},
             "instruction": instruction,
             "target": target,
             "slice": slice_or_none(image, where.slice),
-            "steps": steps,
-            "slices": {str(k): {"answer": t.answer, "stop_reason": t.stop_reason,
-                                "steps": [_step_json(step, image, k) for step in t.steps]}
-                       for k, t in per_slice.items()} if image.is_volume else None,
+            "steps": key["steps"],
+            "slices": {str(k): trajectory_json(t, image, k) for k, t in per_slice.items()}
+            if image.is_volume else None,
             "answer": trajectory.answer,
             "stop_reason": trajectory.stop_reason,
-            "error": trajectory.error,
+            "error": last_error(trajectory),
+            "failed": bool(failed),
+            "failures": failed,
+            **display_json(image, where.slice),
             "user_clicks": len(where.clicks),
             "ignored_clicks": list(where.ignored),
             "policy": opts.policy,
@@ -125,6 +126,8 @@ class IbisAgentInfer(InferTask):
                 "total": round(time.perf_counter() - start, 4),
             },
         }
+        if failed:
+            logger.warning("ibisagent: the agent failed: %s", "; ".join(failed))
         if opts.policy == "tiny":
             result["warning"] = "policy 'tiny' is untrained: the mask shows the wiring, not a diagnosis"
         image_id = request.get("ibisagent_image_id")
@@ -134,6 +137,7 @@ class IbisAgentInfer(InferTask):
                     self.outputs.put(image_id, k, {
                         "instruction": instruction, "targets": [target], "tool": opts.tool, "policy": opts.policy,
                         "modality": image.modality, "answer": t.answer, "stop_reason": t.stop_reason,
+                        "user_clicks": len(where.clicks) if k == where.slice else 0,
                     }, {target: t.masks[target]})
             result["stored_for_corrections"] = True
         return label_file, result
@@ -157,26 +161,3 @@ def _max_steps(value: Any, limit: int) -> int:
     if not 1 <= steps:
         raise bad_request(f"max_steps must be >= 1, got {steps}")
     return min(steps, limit)
-
-
-def _step_json(step: Any, image: Any, k: int) -> dict[str, Any]:
-    return {
-        "index": step.index,
-        "attempt": step.attempt,
-        "think": step.response.think if step.response is not None else None,
-        "raw": step.raw,
-        "error": step.error,
-        "actions": [_action_text(a) for a in step.actions],
-        "clicks": [
-            {"target": c.target, "x": float(c.action.x), "y": float(c.action.y), "px": c.click.x, "py": c.click.y,
-             "positive": c.click.positive, "voxel": canonical_to_voxel(image, k, c.click.y, c.click.x)}
-            for c in step.clicks
-        ],
-        "seconds": round(step.timings.total, 4),
-    }
-
-
-def _action_text(action: Any) -> str:
-    from ibisagent.protocol import format_action
-
-    return format_action(action)

@@ -1,5 +1,6 @@
-"""What the app's tasks share: options (defaults in one place), the lazily built models, request parsing, the agent
-outputs kept for corrections, and input checks that answer 4xx instead of a traceback.
+"""What the app's tasks share: options (defaults in one place), the lazily built models, request parsing, and input
+checks that answer 4xx instead of a traceback. The logic behind them (display slices, mask writers, the store of
+agent outputs awaiting a correction, target names, per-step JSON) is the library's.
 
 Coordinates: MONAI Label clients send clicks as voxel indices ``[i, j, k]`` of the image *file* (Slicer's IJK, the
 file's storage order). :func:`voxel_to_canonical` maps them to ``(z, y, x)`` of :attr:`ibisagent.imaging.Image.array`
@@ -9,27 +10,21 @@ pictures are stored ``(W, H, 1)``: ``[i, j]`` is ``[x, y]``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import HTTPException
 
 from ibisagent.clicks import Click
-from ibisagent.data.trajectory import rle_decode, rle_encode
-from ibisagent.fileio import atomic_write_text
-from ibisagent.imaging import Image, ImageError, load_image, num_slices, slice_of, to_display_rgb
+from ibisagent.imaging import Image, ImageError, display_window, load_image, num_slices, slice_of
 from ibisagent.server.limits import check_finite, check_pixels, check_voxel, result_extension
 
 logger = logging.getLogger(__name__)
@@ -55,6 +50,12 @@ class Options:
     """Most agent steps per request."""
     auto_train_every: int = 0
     """Start ``ibisagent_sft`` after this many new corrections (0 = never)."""
+    modality: str = ""
+    """Modality of the served images (``CT``, ``MR``, ...) overriding the files' own; a request's ``modality``
+    overrides it. ``""``: the file's (DICOM tags), else ``CT`` for Hounsfield-range volumes (docs/INPUTS.md)."""
+    modalities: str = "CT,MR"
+    """DICOMweb studies: the modalities whose series the app lists, comma-separated (MONAI Label's own default lists
+    only CT)."""
     threads: int = 0
     """CPU threads for torch in this server process (0 = torch's default). On a shared or small CPU host set 1 per
     worker: oversubscribed threads made one infer swing from 0.9 s to 29 s in our measurements."""
@@ -83,11 +84,18 @@ class Options:
         opts = cls(**values)
         if opts.history not in ("off", "full"):
             raise ValueError(f"--conf history must be 'off' or 'full', got {opts.history!r}")
+        if not opts.modality_list:
+            raise ValueError(f"--conf modalities must name at least one modality, e.g. CT,MR; got {opts.modalities!r}")
         if opts.max_steps < 1 or opts.auto_train_every < 0 or opts.threads < 0:
             raise ValueError("--conf max_steps must be >= 1, auto_train_every and threads >= 0")
         if min(opts.policy_timeout, opts.time_limit, opts.max_instruction_chars, opts.max_pixels) <= 0:
             raise ValueError("--conf policy_timeout, time_limit, max_instruction_chars and max_pixels must be > 0")
         return opts
+
+    @property
+    def modality_list(self) -> tuple[str, ...]:
+        """``modalities`` as upper-case codes: ``"ct, mr"`` → ``("CT", "MR")``."""
+        return tuple(m.strip().upper() for m in self.modalities.split(",") if m.strip())
 
     def as_info(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,10 +167,21 @@ def check_name(value: Any, what: str) -> str:
     return value
 
 
-def load_request_image(path: str, max_pixels: int | None = None) -> Image:
-    """The request's image; 415 when unreadable, 413 above ``max_pixels``, 422 when it holds NaN/Inf."""
+def request_modality(request: dict[str, Any], default: str) -> str | None:
+    """The request's ``modality`` (``CT``, ``MR``, ...), else the server's ``--conf modality``; ``None`` = the file's."""
+    value = request.get("modality")
+    if value is None or value == "":
+        return default or None
+    if not isinstance(value, str) or not value.isalnum() or len(value) > 16:
+        raise bad_request(f"modality must be a short name such as CT or MR, got {value!r}")
+    return value
+
+
+def load_request_image(path: str, modality: str | None = None, max_pixels: int | None = None) -> Image:
+    """The request's image (``modality`` overrides the file's); 415 when unreadable, 413 above ``max_pixels``, 422
+    when it holds NaN/Inf."""
     try:
-        image = load_image(path)
+        image = load_image(path, modality=modality)
     except ImageError as exc:
         message = str(exc).replace(str(path), os.path.basename(str(path)))
         raise bad_request(f"cannot read the image: {message}", 415) from exc
@@ -246,9 +265,9 @@ def request_clicks(image: Image, request: dict[str, Any]) -> SliceClicks:
     return SliceClicks(slice=int(chosen), clicks=clicks, ignored=ignored)
 
 
-def display_slice(image: Image, k: int) -> np.ndarray:
-    """(H, W, 3) uint8 display RGB of canonical slice ``k`` (the whole picture for 2D images)."""
-    return to_display_rgb(slice_of(image, k), image.modality)
+def display_json(image: Image, k: int) -> dict[str, Any]:
+    """The modality and display window of canonical slice ``k`` as the reply reports them."""
+    return {"modality": image.modality, "window": display_window(slice_of(image, k), image.modality).to_dict()}
 
 
 def slice_or_none(image: Image, k: int) -> int | None:
@@ -259,82 +278,21 @@ def slice_or_none(image: Image, k: int) -> int | None:
 # result files
 
 
-def write_result(mask: np.ndarray, image: Image, k: int, request: dict[str, Any], label_names: list[str]) -> str:
+def write_result(mask: np.ndarray, image: Image, k: int, request: dict[str, Any], label_names: list[str],
+                 provenance: Any = None) -> str:
     """Write a (Z, Y, X) volume mask, or the (H, W) mask of slice ``k``, in the image's geometry, in the requested
-    ``result_extension``
-    (``.nii.gz`` default, ``.nii``, ``.nrrd``, ``.png`` for 2D, ``.dcm`` DICOM-SEG for DICOM sources). Returns the
-    path of a new temporary file (MONAI Label deletes it after sending)."""
-    from ibisagent.imaging import save_dicom_seg, save_mask_like
+    ``result_extension`` (``.nii.gz`` default, ``.nii``, ``.nrrd``, ``.png`` for 2D, ``.dcm`` DICOM-SEG for DICOM
+    sources, with ``provenance``), through the library's one writer. Returns the path of a new temporary file (MONAI
+    Label deletes it after sending)."""
+    from ibisagent.imaging import save_mask_like
 
     ext = request_result_extension(request, image)
     fd, name = tempfile.mkstemp(prefix="ibisagent-", suffix=ext)
     os.close(fd)
     slice_arg = slice_or_none(image, k) if mask.ndim == 2 else None
     try:
-        if ext == ".dcm":
-            save_dicom_seg(mask, image.source, name, label_names, slice=slice_arg)
-        else:
-            save_mask_like(mask, image, name, slice=slice_arg)
+        save_mask_like(mask, image, name, slice=slice_arg, label_names=label_names, provenance=provenance)
     except ImageError as exc:
         os.unlink(name)
         raise bad_request(f"cannot write a {ext} result for this image: {exc}") from exc
     return name
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# agent outputs kept for corrections
-
-
-class AgentOutputs:
-    """The agent's last mask per (image id, slice), kept beside the datastore so that a later save of a ``final``
-    label can be compared with it. One JSON file per image id under ``root``; written atomically. Each
-    read-modify-write holds a thread lock and an exclusive ``flock`` on ``root/.lock``, so several server workers
-    (``--workers N``) never lose each other's entries."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with self._lock, open(self.root / ".lock", "a") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-    def _path(self, image_id: str) -> Path:
-        return self.root / f"{check_name(image_id, 'image id')}.json"
-
-    def put(self, image_id: str, slice_key: int, entry: dict[str, Any], masks: dict[str, np.ndarray]) -> None:
-        entry = {**entry, "masks": {name: rle_encode(m) for name, m in masks.items()}}
-        with self._exclusive():
-            data = self._read(image_id)
-            data[str(slice_key)] = entry
-            atomic_write_text(self._path(image_id), json.dumps(data))
-
-    def take(self, image_id: str) -> dict[int, dict[str, Any]]:
-        """All stored outputs of the image (slice → entry with decoded ``masks``), removing them."""
-        with self._exclusive():
-            data = self._read(image_id)
-            self._path(image_id).unlink(missing_ok=True)
-        out = {}
-        for key, entry in data.items():
-            entry["masks"] = {name: rle_decode(rle) for name, rle in entry.get("masks", {}).items()}
-            out[int(key)] = entry
-        return out
-
-    def has(self, image_id: str) -> bool:
-        return self._path(image_id).is_file()
-
-    def _read(self, image_id: str) -> dict[str, Any]:
-        path = self._path(image_id)
-        if not path.is_file():
-            return {}
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            logger.warning("%s: unreadable agent output, ignored", path)
-            return {}
