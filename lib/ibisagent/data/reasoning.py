@@ -112,7 +112,7 @@ def position_words(x: float, y: float) -> str:
     if not horizontal and not vertical:
         return "the centre"
     if not vertical:
-        return f"the {horizontal} side"
+        return f"the {horizontal} part"
     if not horizontal:
         return f"the {vertical} middle"
     return f"the {vertical} {horizontal}"
