@@ -198,13 +198,13 @@ def expert_plan(records: Sequence[TrajectoryRecord]) -> tuple[list[Turn], dict[i
     return turns, expected
 
 
-def _png(image: np.ndarray) -> bytes:
+def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     PILImage.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def _row_messages(messages: Sequence[Mapping[str, Any]], train: Sequence[bool]) -> list[dict[str, Any]]:
+def dataset_messages(messages: Sequence[Mapping[str, Any]], train: Sequence[bool]) -> list[dict[str, Any]]:
     """Environment messages (numpy images) → dataset messages; ``train`` flags the assistant messages in order."""
     flags = iter(train)
     out = []
@@ -236,14 +236,14 @@ def rows_of(played: Sequence[tuple[EnvObservation, str, Turn]], history: History
         obs, text, _ = played[-1]
         flags = [turn.train for _, _, turn in played]
         messages = [*obs.messages, _assistant(text)]
-        rows.append({"messages": _row_messages(messages, flags), "images": [_png(i) for i in obs.images],
+        rows.append({"messages": dataset_messages(messages, flags), "images": [png_bytes(i) for i in obs.images],
                      "step": -1})
         return rows
     for index, (obs, text, turn) in enumerate(played):
         if not turn.train or (inserted_only and turn.expert):
             continue
         messages = [*obs.messages, _assistant(text)]
-        rows.append({"messages": _row_messages(messages, [True]), "images": [_png(i) for i in obs.images],
+        rows.append({"messages": dataset_messages(messages, [True]), "images": [png_bytes(i) for i in obs.images],
                      "step": index})
     return rows
 
@@ -333,7 +333,7 @@ def play(env: SegmentationEnv, episode: _Episode, writer: _Writer,
 
 
 @functools.lru_cache(maxsize=4)
-def _tool(spec: str, device: str):  # noqa: ANN202 - SegmentationTool; one instance per process and spec
+def load_tool_cached(spec: str, device: str):  # noqa: ANN202 - SegmentationTool; one instance per process and spec
     from ibisagent.tools import load_tool
 
     return load_tool(spec, device=device)
@@ -429,7 +429,7 @@ def sft_case(task: dict[str, Any]) -> dict[str, Any]:
     base_prompts = load_prompts(options.prompts)
     teacher = _teacher(options)
     try:
-        tool = _tool(options.tool or records[0].tool, options.device)
+        tool = load_tool_cached(options.tool or records[0].tool, options.device)
         session = tool.encode(rgb)
         grid = qwen_grid(rgb.shape[0], rgb.shape[1], options.min_pixels, options.max_pixels)
         writer = _Writer(modality, refs, rng, teacher)
