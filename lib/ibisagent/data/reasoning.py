@@ -197,6 +197,10 @@ _UNDO_LOSS = (
     "The last point cut away part of the {target} itself, on the {direction} side; that was a mistake, so I undo it.",
     "After the previous step a piece of the {target} on the {direction} side dropped out of the mask. I take that step back.",
 )
+_UNDO_START = (
+    "The mask from that first point lies {where} on tissue that is not the {target}. I undo it and start again.",
+    "That point was not on the {target}: the mask it produced sits {where} on something else. Undo.",
+)
 _RESET = (
     "The mask that is drawn does not lie on the {target}: it covers a different structure {where_mask}, while the "
     "{target} is {where}. I discard it and start from an empty mask.",
@@ -247,6 +251,10 @@ def undo_think(before: np.ndarray, after: np.ndarray, target: str, rng: random.R
     """The ``<think>`` of an ``Undo`` after a wrong step that turned mask ``before`` into ``after`` ((H, W) bool)."""
     gained = after & ~before
     lost = before & ~after
+    if not before.any():
+        placed = region(after)
+        where = f"in {position_words(placed.cx, placed.cy)} of the image" if placed is not None else "elsewhere"
+        return _t(rng, _UNDO_START, target=target, where=where)
     cur = region(before) or region(after)
     changed = region(gained if gained.sum() >= lost.sum() else lost)
     direction = "outer"

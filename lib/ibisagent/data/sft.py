@@ -289,6 +289,19 @@ def _answer(targets: Sequence[str], references: Mapping[str, np.ndarray | None],
     return templates.answer(targets, modality, rng, absent=absent)[1]
 
 
+#: A wrong first click counts as wrong when its mask overlaps the structure by less than this IoU.
+WRONG_START_IOU = 0.2
+
+
+def made_worse(before: np.ndarray, after: np.ndarray, reference: np.ndarray) -> bool:
+    """Whether a step turned mask ``before`` into a worse ``after`` for structure ``reference`` ((H, W) bool): the
+    IoU fell, or — from an empty mask — the new mask lies mostly off the structure (IoU < :data:`WRONG_START_IOU`)."""
+    after_iou = iou(after, reference)
+    if not before.any():
+        return bool(after.any()) and after_iou < WRONG_START_IOU
+    return after_iou < iou(before, reference)
+
+
 def play(env: SegmentationEnv, episode: _Episode, writer: _Writer,
          rng: random.Random) -> tuple[list[tuple[EnvObservation, str, Turn]], str | None]:
     """Step ``env`` through ``episode``'s turns; returns the played turns, or ``(partial, reason)`` when the
@@ -313,7 +326,7 @@ def play(env: SegmentationEnv, episode: _Episode, writer: _Writer,
         if turn.kind == "wrong":
             name = env.targets[0]
             reference = writer.references.get(name)
-            if reference is None or iou(env.masks[name], reference) >= iou(before[name], reference):
+            if reference is None or not made_worse(before[name], env.masks[name], reference):
                 return played, "the wrong click did not make the mask worse"
         if turn.expert and turn.kind != "terminate":
             for name, mask in episode.expected.get(expert_index, {}).items():
@@ -448,7 +461,8 @@ def sft_case(task: dict[str, Any]) -> dict[str, Any]:
         single_present = len(targets) == 1 and refs.get(targets[0]) is not None and not initial
         click_turns = [i for i, t in enumerate(turns) if t.kind == "click"]
         if single_present and click_turns and rng.random() < options.self_correction:
-            at = click_turns[rng.randrange(len(click_turns))]
+            later = [i for i in click_turns if i > 0] or click_turns  # a wrong click after the first is likelier wrong
+            at = later[rng.randrange(len(later))]
             before = expected[at - 1][targets[0]] if at > 0 else np.zeros(rgb.shape[:2], bool)
             wrong = reflect.wrong_click(refs[targets[0]], before, rng)  # type: ignore[arg-type]
             if wrong is not None:
