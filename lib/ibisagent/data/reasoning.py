@@ -443,7 +443,9 @@ class Teacher:
                                          {"type": "text", "text": text}]},
         ]
 
-    def _key(self, messages: list[dict[str, object]], options: GenerationOptions) -> str:
+    def key(self, messages: list[dict[str, object]], options: GenerationOptions) -> str:
+        """The cache key of a request: SHA-256 over the model name, the messages (images by content digest) and the
+        decoding settings (not the URL: the same model on another server shares the cache)."""
         parts = []
         for message in messages:
             content = []
@@ -456,8 +458,13 @@ class Teacher:
         payload = json.dumps({"model": self.model, "messages": parts, "options": options.__dict__}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
+    def attempt_options(self, attempt: int) -> GenerationOptions:
+        """The decoding settings of attempt ``attempt`` (0-based): the teacher's, with seed ``seed + attempt``."""
+        return GenerationOptions(max_new_tokens=self.options.max_new_tokens, temperature=self.options.temperature,
+                                 top_p=self.options.top_p, seed=(self.options.seed or 0) + attempt)
+
     def _ask(self, messages: list[dict[str, object]], options: GenerationOptions) -> str:
-        key = self._key(messages, options)
+        key = self.key(messages, options)
         path = self.cache_dir / f"{key}.json"
         if path.is_file():
             try:
@@ -495,12 +502,8 @@ class Teacher:
             TeacherUnavailable: the endpoint is down or failing after the client's retries.
         """
         messages = self.messages(oracle, agent, instruction, action_text, draft)
-        base_seed = self.options.seed or 0
         for attempt in range(self.retries + 1):
-            options = GenerationOptions(max_new_tokens=self.options.max_new_tokens,
-                                        temperature=self.options.temperature, top_p=self.options.top_p,
-                                        seed=base_seed + attempt)
-            text = _clean_reply(self._ask(messages, options))
+            text = _clean_reply(self._ask(messages, self.attempt_options(attempt)))
             found = leaks(text)
             if len(text) < self.min_chars:
                 found = [*found, "empty"]

@@ -100,6 +100,8 @@ class TeacherSpec:
     per_second: float | None = 2.0
     retries: int = 2
     timeout: float = 120.0
+    max_new_tokens: int = 160
+    temperature: float = 0.7
 
 
 @dataclass(frozen=True)
@@ -526,7 +528,11 @@ def _teacher(options: SftOptions) -> reasoning.Teacher | None:
     from ibisagent.policies.openai import OpenAIPolicy
 
     policy = OpenAIPolicy(spec.url, spec.model, timeout=spec.timeout, concurrency=1)
-    return reasoning.Teacher(policy, spec.cache_dir, retries=spec.retries, per_second=spec.per_second)
+    from ibisagent.policies.base import GenerationOptions
+
+    options = GenerationOptions(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, seed=0)
+    return reasoning.Teacher(policy, spec.cache_dir, retries=spec.retries, per_second=spec.per_second,
+                             options=options)
 
 
 # ------------------------------------------------------------------------------------------------- the build
@@ -627,9 +633,7 @@ def build_sft(
         others = [m for other_id, m in by_image.get((group[0].image, group[0].slice), []) if other_id != case_id]
         tasks.append({"key": _key(index, case_id), "records": [asdict(r) for r in group],
                       "options": asdict(options), "case": cases.get(case_id), "others": others})
-    config = {**asdict(options), "cases": [t["key"] for t in tasks]}
-    if teacher is not None:
-        config["teacher"] = {k: v for k, v in asdict(teacher).items() if k != "per_second"}
+    config = {**_identity(options), "cases": [t["key"] for t in tasks]}
     work = prepare_work_dir(out / ".work", config)
     parts = run_tasks(tasks, sft_case, work, engine=engine, workers=workers, progress=progress, desc="build-sft")
     stats = _write_dataset(out, parts, options)
@@ -661,10 +665,19 @@ def _write_dataset(out: Path, parts: Sequence[dict[str, Any]], options: SftOptio
     return stats
 
 
+def _identity(options: SftOptions) -> dict[str, Any]:
+    """The settings that decide the result: all of them, except where the teacher runs and how fast (its replies are
+    cached by model and request, so another URL for the same model gives the same data)."""
+    values = asdict(options)
+    if values["teacher"] is not None:
+        values["teacher"] = {k: v for k, v in values["teacher"].items() if k not in ("per_second", "url", "timeout")}
+    return values
+
+
 def _fingerprint(parts: Sequence[dict[str, Any]], options: SftOptions) -> str:
     import hashlib
 
-    payload = json.dumps({"options": asdict(options), "keys": [p["key"] for p in parts]}, sort_keys=True,
+    payload = json.dumps({"options": _identity(options), "keys": [p["key"] for p in parts]}, sort_keys=True,
                          default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
