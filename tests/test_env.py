@@ -14,7 +14,7 @@ import pytest
 
 from ibisagent.agent import AgentConfig, AgentJob, run_agent, run_agents
 from ibisagent.clicks import Click
-from ibisagent.env import EnvConfig, EnvObservation, SegmentationEnv, StepResult
+from ibisagent.env import EnvConfig, EnvObservation, SegmentationEnv, StepResult, replay_records
 from ibisagent.metrics import iou
 from ibisagent.observation import observation_image, resize_image, resize_mask
 from ibisagent.policies.base import Generation, GenerationOptions, Policy, PolicyRequest
@@ -442,3 +442,66 @@ def test_step_results_are_frozen(session: ImageSession) -> None:
         result.raw = "changed"  # type: ignore[misc]
     with pytest.raises(ValueError):
         result.masks["disc"][0, 0] = True  # read-only arrays: states are shared by the undo stack
+
+
+# ---------------------------------------------------------------------------------------------- replay
+
+
+@pytest.mark.parametrize("history", ["off", "full"])
+def test_a_recorded_episode_replays_to_the_same_observations_without_the_tool(session: ImageSession,
+                                                                              history: str) -> None:
+    """SFT data is built from records: replaying them gives exactly what the policy was sent at inference."""
+    square = np.zeros((H, W), bool)
+    square[60:80, 90:110] = True
+    truth = {"disc": DISC, "square": square}
+    head = ["garbage", turn(click(100, 70, target="square"), click(50, 40, target="disc")), turn(UNDO)]
+
+    class ScriptThenOracle(Policy):
+        name = "script-then-oracle"
+
+        def __init__(self) -> None:
+            self.oracle, self.i = OraclePolicy(truth), 0
+
+        def generate(self, requests: Sequence[PolicyRequest], options: GenerationOptions) -> list[Generation]:
+            out = [Generation(text=head[self.i + k] if self.i + k < len(head) else self.oracle.respond(r))
+                   for k, r in enumerate(requests)]
+            self.i += len(requests)
+            return out
+
+    recording = Recording(ScriptThenOracle(), (48, 64))
+    config = AgentConfig(max_steps=10, history=history)  # type: ignore[arg-type]
+    trajectory = run_agent(recording, session, IMAGE, "Segment the disc and the square.", ["disc", "square"],
+                           config=config, ground_truth=truth)
+    assert trajectory.stop_reason in ("terminate", "max_steps") and len(trajectory.steps) >= 4
+    records = trajectory.to_records("case", "img.png", "embedded", ground_truth=truth, source="simulated")
+    env, observations = replay_records(records, IMAGE, policy_grid=(48, 64), history=history)  # type: ignore[arg-type]
+    assert len(observations) == len(recording.requests) == len(env.steps)
+    for obs, request in zip(observations, recording.requests):
+        assert same_observation(obs, request)
+    assert env.stop_reason == trajectory.stop_reason and env.answer == trajectory.answer
+    # an inconsistent record (a mask that changes on a turn without clicks) does not replay silently
+    assert records[0].steps[0].error and not records[0].steps[0].clicks
+    records[0].steps[0].mask = records[0].steps[1].mask
+    with pytest.raises(ValueError, match="does not replay"):
+        replay_records(records, IMAGE, policy_grid=(48, 64))
+
+
+def test_a_correction_record_replays_from_its_starting_mask(session: ImageSession) -> None:
+    from ibisagent.corrections import correction_record
+
+    agent = np.zeros((H, W), bool)
+    agent[30:50, 40:60] = True
+    record = correction_record(IMAGE, agent, DISC, session, "Segment the disc.", "img.png", case_id="c",
+                               target="disc", tool_name="embedded")
+    env, observations = replay_records([record], IMAGE)
+    assert len(observations) == len(record.steps) - 1 and env.stop_reason == record.stop_reason
+    assert np.array_equal(observations[0].image, observation_image(IMAGE, [agent]))  # starts on the agent's mask
+
+
+def test_importing_the_figures_leaves_matplotlib_global_state_alone() -> None:
+    code = ("import sys, ibisagent.render; assert 'matplotlib.pyplot' not in sys.modules; "
+            "import matplotlib; assert matplotlib.rcParams._get_backend_or_none() is None; print('clean')")
+    env = {**os.environ, "PYTHONPATH": str(LIB)}
+    env.pop("MPLBACKEND", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "clean", done.stderr

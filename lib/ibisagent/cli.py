@@ -289,9 +289,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.viz is not None and viz_records:
         render_trajectory(viz_rgb, viz_records[0], args.viz)
     print(f"{summary}\nmask → {', '.join(str(p) for p in outputs.values())}; trace → {args.trace}")
-    failed = [t for t in trajectories if t.stop_reason == "policy_error"]
+    failed = [t for t in trajectories if t.stop_reason in ("policy_error", "tool_error")]
     for t in failed:
-        print(f"ibisagent: the policy failed: {t.error}", file=sys.stderr)
+        who = "policy" if t.stop_reason == "policy_error" else "tool"
+        print(f"ibisagent: the {who} failed: {t.error}", file=sys.stderr)
     return 1 if failed else 0
 
 

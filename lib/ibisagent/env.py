@@ -61,7 +61,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from ibisagent.clicks import Click
-from ibisagent.data.trajectory import ClickRecord, StepRecord, TrajectoryRecord, rle_encode
+from ibisagent.data.trajectory import ClickRecord, StepRecord, TrajectoryRecord, rle_decode, rle_encode
 from ibisagent.metrics import dice, iou
 from ibisagent.observation import observation_image, resize_image, resize_mask, to_pil
 from ibisagent.policies.base import Conversation, Message, Observation, PolicyRequest
@@ -76,7 +76,7 @@ from ibisagent.protocol import (
     parse_response,
     repair_message,
 )
-from ibisagent.tools.base import ImageSession, check_image
+from ibisagent.tools.base import ImageSession, Prediction, check_image
 
 HistoryMode = Literal["off", "full"]
 StopReason = Literal[
@@ -447,6 +447,7 @@ class SegmentationEnv:
         self._history = [self.system, first]
         self._current = first
         self._repair_tail = []
+        self._observation = None
         return self.observation
 
     def step(self, text: str, *, timings: StepTimings | None = None) -> StepResult:
@@ -510,7 +511,12 @@ class SegmentationEnv:
 
     @property
     def observation(self) -> EnvObservation:
-        """What the policy is given for the next step (also valid after the end: the last one shown)."""
+        """What the policy is given for the next step (after the end: the state the episode ended in)."""
+        if self._observation is None:
+            self._observation = self._build_observation()
+        return self._observation
+
+    def _build_observation(self) -> EnvObservation:
         base = self._history if self.config.history == "full" else [self.system, self._current]
         messages = [*base, *self._repair_tail]
         state = Observation(
@@ -580,6 +586,7 @@ class SegmentationEnv:
         self._history: list[Message] = []
         self._current: Message = self.system
         self._repair_tail: list[Message] = []
+        self._observation: EnvObservation | None = None
 
     def _check_running(self) -> None:
         if not self._started:
@@ -716,7 +723,7 @@ class SegmentationEnv:
         if not pending:
             return state
         targets = list(state.targets)
-        for index, new in pending.items():
+        for index, new in sorted(pending.items()):  # one tool call per clicked target, in target order
             current = targets[index]
             clicks = (*current.clicks, *new)
             prediction = self.session.predict(clicks, current.logits)
@@ -759,6 +766,7 @@ class SegmentationEnv:
         if advance:
             self.attempt = 0
             self.step_index += 1
+        self._observation = None  # the state or the conversation changed
         result = StepResult(
             index=index, attempt=result_attempt, raw=raw, response=response, error=error, actions=actions,
             clicks=clicks, masks=self.masks, scores=self._scores(before), answer=answer, absent=absent,
@@ -788,6 +796,107 @@ class SegmentationEnv:
             self._seconds["tool"] += time.perf_counter() - t0
             targets.append(TargetState(mask, logits, ()))
         return EnvState(tuple(targets))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# replaying recorded episodes (SFT building without the tool)
+
+
+class RecordedSession(ImageSession):
+    """A tool session that answers with recorded masks, in call order: with it, a recorded episode replays through
+    the environment — the same observations, byte for byte — without running the tool again.
+
+    The environment calls the tool once per step per clicked target, in target order (:meth:`SegmentationEnv.step`);
+    ``masks`` are the tool's answers in that order. Logits are the mask as float32 (±1), which is also what
+    :meth:`logits_from_mask` gives.
+
+    Args:
+        shape: (H, W) of the image.
+        masks: (H, W) bool masks, one per tool call.
+    """
+
+    def __init__(self, shape: tuple[int, int], masks: Sequence[np.ndarray]) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self._masks = [np.asarray(m, dtype=bool) for m in masks]
+        for i, mask in enumerate(self._masks):
+            if mask.shape != self.shape:
+                raise ValueError(f"recorded mask {i} has shape {mask.shape}, the image is {self.shape}")
+        self._next = 0
+
+    def predict(self, clicks: Sequence[Click], prior_logits: np.ndarray | None = None) -> Prediction:
+        if self._next >= len(self._masks):
+            raise ValueError(f"the recording holds {len(self._masks)} tool results; the replay asked for more")
+        mask = self._masks[self._next]
+        self._next += 1
+        return Prediction(mask=mask.copy(), logits=np.where(mask, 1.0, -1.0).astype(np.float32))
+
+    def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
+        return np.where(np.asarray(mask, dtype=bool), 1.0, -1.0).astype(np.float32)
+
+
+def replay_records(
+    records: Sequence[TrajectoryRecord],
+    image: np.ndarray,
+    *,
+    policy_grid: tuple[int, int] | None = None,
+    history: HistoryMode = "off",
+    prompts: Prompts | None = None,
+    initial_masks: Mapping[str, np.ndarray | None] | None = None,
+    ground_truth: Mapping[str, np.ndarray | None] | None = None,
+) -> tuple[SegmentationEnv, list[EnvObservation]]:
+    """Replay a recorded episode through a fresh environment: its turns (``raw``) stepped in order, the recorded
+    masks standing in for the tool (:class:`RecordedSession`).
+
+    Args:
+        records: the records of one episode, one per target in target order, as :meth:`AgentTrajectory.to_records`
+            wrote them (same instruction, same steps). A leading step with an empty ``raw`` (the starting state of a
+            correction record) is not a turn: its mask becomes that target's initial mask.
+        image: (H, W, 3) uint8, the image of the episode in the display grid.
+        policy_grid: (h, w) the policy sees; default the image grid.
+        history: ``"off"`` or ``"full"`` (a recording replays in either mode).
+        prompts: the wording (default :func:`ibisagent.prompts.load_prompts`).
+        initial_masks: target name → (H, W) bool mask the episode started from (refinement mode).
+        ground_truth: as for :class:`SegmentationEnv` (the results then carry scores).
+
+    Returns:
+        ``(env, observations)``: the finished environment (its :attr:`~SegmentationEnv.steps`) and the observation
+        before each step, in step order (``observations[i]`` is what the policy was given for ``env.steps[i]``).
+
+    Raises:
+        ValueError: records that disagree with each other, or a replay whose masks differ from the recorded ones.
+    """
+    if not records:
+        raise ValueError("replay needs at least one record")
+    targets = tuple(r.target for r in records)
+    steps = [list(r.steps) for r in records]
+    if len({len(s) for s in steps}) != 1 or len({r.instruction for r in records}) != 1:
+        raise ValueError(f"records of case {records[0].id!r} disagree on their steps or instruction")
+    initial = dict(initial_masks or {})
+    if steps[0] and not steps[0][0].raw:
+        for name, own in zip(targets, steps):
+            initial.setdefault(name, rle_decode(own[0].mask))
+        steps = [own[1:] for own in steps]
+    texts = [s.raw for s in steps[0]]
+    if any([s.raw for s in own] != texts for own in steps):
+        raise ValueError(f"records of case {records[0].id!r} hold different model turns")
+    calls = [rle_decode(own[i].mask) for i in range(len(texts)) for own in steps if own[i].clicks]
+    grid = (int(image.shape[0]), int(image.shape[1]))
+    config = EnvConfig(max_steps=max(1, sum(1 for s in steps[0] if s.attempt == 0)), history=history,
+                       repair_retries=max([s.attempt for s in steps[0]], default=0))
+    env = SegmentationEnv(image, records[0].instruction, targets, RecordedSession(grid, calls),
+                          policy_grid=policy_grid, initial_masks=initial or None, ground_truth=ground_truth,
+                          config=config, prompts=prompts)
+    observations = [env.reset()]
+    for i, text in enumerate(texts):
+        if env.done:
+            raise ValueError(f"case {records[0].id!r}: the replay stopped ({env.stop_reason}) before step {i}")
+        result = env.step(text)
+        for name, own in zip(targets, steps):
+            if rle_encode(result.masks[name]) != own[i].mask:
+                raise ValueError(f"case {records[0].id!r}: step {i} of {name!r} does not replay to its recorded mask")
+        if result.observation is not None:
+            observations.append(result.observation)
+    return env, observations[: len(texts)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -910,6 +1019,7 @@ def _step_record(step: StepResult, name: str, truth: np.ndarray | None, multi: b
 
 
 __all__ = [
-    "AgentTrajectory", "ClickResult", "EnvConfig", "EnvObservation", "EnvState", "HistoryMode", "SegmentationEnv",
-    "StepResult", "StepTimings", "StopReason", "TargetScore", "TargetState", "absent_targets",
+    "AgentTrajectory", "ClickResult", "EnvConfig", "EnvObservation", "EnvState", "HistoryMode", "RecordedSession",
+    "SegmentationEnv", "StepResult", "StepTimings", "StopReason", "TargetScore", "TargetState", "absent_targets",
+    "replay_records",
 ]

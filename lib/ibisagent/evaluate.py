@@ -280,6 +280,8 @@ def policy_case(
                                     ground_truth=truth, source=source)
     if trajectory.stop_reason == "policy_error":
         raise PolicyError(trajectory.error or "the policy backend failed")
+    if trajectory.stop_reason == "tool_error":  # fails the case; it is not scored as the masks it had so far
+        raise RuntimeError(trajectory.error or "the tool failed")
     pairs = [(trajectory.masks[n], truth[n]) for n in names]
     steps = len({s.index for s in trajectory.steps})
     targets = []

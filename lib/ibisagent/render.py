@@ -1,7 +1,8 @@
 """Figures: trajectory strips and evaluation plots.
 
-The overlay the policy sees lives in :mod:`ibisagent.observation` (no matplotlib there). Figures are written with matplotlib's Agg backend (no display
-needed) through :func:`ibisagent.fileio.atomic_path`.
+The overlay the policy sees lives in :mod:`ibisagent.observation` (no matplotlib there). Figures are drawn on
+matplotlib ``Figure`` objects with the Agg canvas (no display needed, no pyplot, matplotlib's global backend left as
+it is) and written through :func:`ibisagent.fileio.atomic_path`.
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ibisagent.data.trajectory import TrajectoryRecord, rle_decode  # noqa: E402
-from ibisagent.fileio import atomic_path  # noqa: E402
-from ibisagent.observation import OVERLAY_ALPHA, TARGET_COLOURS, overlay  # noqa: E402,F401 - re-exported
+from ibisagent.data.trajectory import TrajectoryRecord, rle_decode
+from ibisagent.fileio import atomic_path
+from ibisagent.observation import OVERLAY_ALPHA, TARGET_COLOURS, overlay  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from ibisagent.evaluate import CaseResult
@@ -36,7 +35,8 @@ def render_trajectory(rgb: np.ndarray, record: TrajectoryRecord, path: str | os.
     panels = 1 + len(record.steps)
     cols = min(STRIP_COLUMNS, panels)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows + 0.4), squeeze=False)
+    fig = Figure(figsize=(2.6 * cols, 2.8 * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     axes[0, 0].imshow(rgb)
@@ -72,7 +72,8 @@ def plot_eval(results: Sequence[CaseResult], out_dir: str | os.PathLike[str], bu
             curve = [start] + t.ious
             curve += [curve[-1]] * (budget + 1 - len(curve))
             curves.append(curve[: budget + 1])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     if curves:
         ax.plot(range(budget + 1), np.mean(curves, axis=0), marker="o", markersize=3)
     ax.set_xlabel("clicks")
@@ -83,7 +84,8 @@ def plot_eval(results: Sequence[CaseResult], out_dir: str | os.PathLike[str], bu
     fig.tight_layout()
     _save(fig, os.path.join(out_dir, "iou_per_click.png"))
 
-    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(ok)), 3.5))
+    fig = Figure(figsize=(max(5, 0.35 * len(ok)), 3.5))
+    ax = fig.subplots()
     ax.bar(range(len(ok)), [float(r.iou) for r in ok], color="#4a90d9")  # type: ignore[arg-type]
     ax.set_xticks(range(len(ok)), [r.id for r in ok], rotation=70, fontsize=7)
     ax.set_ylabel("IoU")
@@ -93,9 +95,7 @@ def plot_eval(results: Sequence[CaseResult], out_dir: str | os.PathLike[str], bu
     _save(fig, os.path.join(out_dir, "iou_per_case.png"))
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike[str]) -> None:
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")

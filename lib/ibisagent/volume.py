@@ -5,8 +5,9 @@ neighbouring slice then starts in refinement mode from the mask of the slice bef
 slice (it may correct, undo, or answer that the target has ended). Propagation runs in both directions at once —
 the two fronts go through :func:`ibisagent.agent.run_agents` together, one batched policy call per round — and a
 direction stops where the agent answers that the target is absent, where every mask vanishes, or where the agent
-gives no usable answer (unparseable output, time limit: the neighbour's mask is not copied on unconfirmed). A failing
-policy backend raises :class:`~ibisagent.policies.base.PolicyError`.
+gives no usable answer (unparseable output, time limit, a tool error on that slice: the neighbour's mask is not copied
+on unconfirmed). A failing policy backend raises :class:`~ibisagent.policies.base.PolicyError`; a tool failing on the
+key slice raises ``RuntimeError`` with the tool's message.
 
 With a SAM 2 / MedSAM2 tool, ``propagation="sam2-video"`` is the alternative: the agent segments the key slice and
 SAM 2's video memory carries the mask through the slices (:mod:`ibisagent.tools.sam2_video`).
@@ -29,7 +30,7 @@ from ibisagent.tools.base import SegmentationTool
 log = logging.getLogger(__name__)
 
 #: Stops after which a propagated slice's mask is only its neighbour's, unconfirmed: propagation ends there.
-UNRELIABLE_STOPS = frozenset({"unparseable", "time_limit"})
+UNRELIABLE_STOPS = frozenset({"unparseable", "time_limit", "tool_error"})
 
 
 @dataclass
@@ -119,6 +120,8 @@ def segment_volume(
     first = run_agents(policy, [job(key, dict(initial_masks or {}))], config, prompts)[0]
     if first.stop_reason == "policy_error":
         raise PolicyError(f"key slice {key}: {first.error or 'the policy backend failed'}")
+    if first.stop_reason == "tool_error":
+        raise RuntimeError(f"key slice {key}: {first.error or 'the tool failed'}")
     _store(result, key, first)
     if _ended(first, targets):
         result.stops = {"up": "absent at key slice", "down": "absent at key slice"}

@@ -88,6 +88,8 @@ class IbisAgentInfer(InferTask):
             else:
                 trajectory = run_agent(policy, session, rgb, instruction, [target], config=config,
                                        initial_masks=initial)
+                if trajectory.stop_reason == "tool_error":  # a broken tool is a server error, not an empty mask
+                    raise RuntimeError(trajectory.error)
                 per_slice = {where.slice: trajectory}
                 mask = trajectory.masks[target]
         except Exception as exc:  # a broken model or tool answers with a JSON error, not a traceback
