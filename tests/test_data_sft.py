@@ -18,6 +18,7 @@ datasets = pytest.importorskip("datasets")
 
 from ibisagent.cli import main  # noqa: E402
 from ibisagent.data.reasoning import leaks  # noqa: E402
+from ibisagent.data.reflect import ReflectiveRatios  # noqa: E402
 from ibisagent.data.sft import build_sft, qwen_grid  # noqa: E402
 from ibisagent.data.trajectory import read_trajectories, write_trajectories  # noqa: E402
 from ibisagent.observation import resize_image  # noqa: E402
@@ -323,3 +324,24 @@ def test_build_rl_skips_bad_cases_with_the_reason(simulated, tmp_path: Path) -> 
     assert stats["rows"] == {"rollout": 1} and stats["skipped"] == 2
     report = (tmp_path / "rl" / "report.jsonl").read_text()
     assert "nowhere.png" in report and "not valid JSON" in report
+
+
+def test_recorded_masks_replay_without_the_tool(simulated, tmp_path: Path) -> None:
+    """Trajectories of a tool this machine cannot run (a GPU checkpoint) replay from their recorded masks: the same
+    conversations as replaying with the tool itself."""
+    manifest, trajectories = simulated
+    _build(simulated, tmp_path / "tool", tool="embedded", reflective=ReflectiveRatios(0.0, 1.0))
+    records = []
+    for record in read_trajectories(trajectories):
+        record.tool = "medsam2"  # not loadable here
+        records.append(record)
+    stats = build_sft(records, tmp_path / "recorded", manifest=manifest, max_pixels=PIXELS, progress=False,
+                      reflective=ReflectiveRatios(0.0, 1.0))
+    assert stats["samples"] == 5 and stats["inconsistency"] >= 1
+    a, _ = _rows(tmp_path / "tool")
+    b, _ = _rows(tmp_path / "recorded")
+    assert a.to_dict() == b.to_dict()
+    stats = build_sft(records, tmp_path / "wrong", manifest=manifest, max_pixels=PIXELS, progress=False,
+                      reflective=ReflectiveRatios(1.0, 0.0))
+    assert stats["self_correction"] == 0  # a wrong click needs the tool's answer
+    assert "self-correction needs a tool" in (tmp_path / "wrong" / "report.jsonl").read_text()

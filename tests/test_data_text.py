@@ -118,3 +118,18 @@ def test_oracle_view_colours_each_error_part() -> None:
     assert fp[0] > fp[1] and fp[0] > fp[2]  # over-segmentation: red
     assert tuple(view[36, 20]) == reasoning.ORACLE_CLICK
     assert (image == 100).all()
+
+
+def test_docs_list_the_template_counts() -> None:
+    """docs/DATA.md states the number of templates per category; it must match the library."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "DATA.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[2].isdigit() and cells[0].split(" ")[0] in templates.category_counts():
+            rows[(cells[0].split(" ")[0], cells[1].split(" ")[0])] = int(cells[2])
+    expected = {(group, category): n for group, counts in templates.category_counts().items()
+                for category, n in counts.items()}
+    assert rows == expected

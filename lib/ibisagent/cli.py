@@ -126,7 +126,8 @@ def _add_build_sft_parser(sub: argparse._SubParsersAction) -> None:
                    help="off: one row per turn (the released checkpoint's setting); full: one row per episode")
     p.add_argument("--manifest", type=Path, help="the manifest the trajectories came from (initial masks of "
                    "refinement cases; ground truth for the reasoning)")
-    p.add_argument("--tool", default=None, help="tool spec to replay with (default: the tool named in the records)")
+    p.add_argument("--tool", default=None, help="tool spec to replay with, or `recorded` (the recorded masks stand in "
+                   "for the tool; default: embedded for embedded records, else recorded)")
     p.add_argument("--reflective", type=float, default=0.0,
                    help="probability per trajectory of a self-correction and of a user-inconsistency episode")
     p.add_argument("--self-correction", type=float, default=None, help="override --reflective for self-correction")

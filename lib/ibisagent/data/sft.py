@@ -50,7 +50,7 @@ from ibisagent.data.manifest import Case, CaseError, load_case, read_manifest
 from ibisagent.data.reflect import ReflectiveRatios, Turn
 from ibisagent.data.runner import Engine, prepare_work_dir, run_tasks
 from ibisagent.data.trajectory import TrajectoryRecord, read_trajectories, rle_decode
-from ibisagent.env import EnvConfig, EnvObservation, SegmentationEnv, absent_targets
+from ibisagent.env import EnvConfig, EnvObservation, RecordedSession, SegmentationEnv, absent_targets
 from ibisagent.fileio import atomic_write_text
 from ibisagent.imaging import ImageError, load_image, slice_of, to_display_rgb
 from ibisagent.metrics import iou
@@ -346,6 +346,26 @@ def play(env: SegmentationEnv, episode: _Episode, writer: _Writer,
 
 # ------------------------------------------------------------------------------------------------ one case
 
+#: The ``tool`` setting that replays the recorded masks instead of running a tool (:class:`env.RecordedSession`).
+RECORDED = "recorded"
+
+
+def recorded_calls(turns: Sequence[Turn], expected: Mapping[int, Mapping[str, np.ndarray]],
+                   targets: Sequence[str]) -> list[np.ndarray]:
+    """The recorded tool results of an episode in the order the environment asks for them: per expert clicking
+    turn, one per clicked target in target order (:class:`ibisagent.env.RecordedSession`)."""
+    calls: list[np.ndarray] = []
+    index = 0
+    for turn in turns:
+        if not turn.expert or turn.kind == "terminate":
+            continue
+        if turn.kind == "click":
+            touched = {(a.target if a.target is not None else targets[0]).strip().casefold()
+                       for a in turn.actions if a.is_click}
+            calls += [expected[index][name] for name in targets if name.strip().casefold() in touched]
+        index += 1
+    return calls
+
 
 @functools.lru_cache(maxsize=4)
 def load_tool_cached(spec: str, device: str):  # noqa: ANN202 - SegmentationTool; one instance per process and spec
@@ -444,8 +464,13 @@ def sft_case(task: dict[str, Any]) -> dict[str, Any]:
     base_prompts = load_prompts(options.prompts)
     teacher = _teacher(options)
     try:
-        tool = load_tool_cached(options.tool or records[0].tool, options.device)
-        session = tool.encode(rgb)
+        recorded = options.tool == RECORDED
+        session = None
+        if not recorded:
+            try:
+                session = load_tool_cached(options.tool, options.device).encode(rgb)
+            except Exception as exc:  # noqa: BLE001 - a tool failure skips only this case, with its message
+                return skip(f"tool {options.tool!r} failed: {type(exc).__name__}: {exc}")
         grid = qwen_grid(rgb.shape[0], rgb.shape[1], options.min_pixels, options.max_pixels)
         writer = _Writer(modality, refs, rng, teacher)
 
@@ -467,7 +492,10 @@ def sft_case(task: dict[str, Any]) -> dict[str, Any]:
             at = later[rng.randrange(len(later))]
             before = expected[at - 1][targets[0]] if at > 0 else np.zeros(rgb.shape[:2], bool)
             wrong = reflect.wrong_click(refs[targets[0]], before, rng)  # type: ignore[arg-type]
-            if wrong is not None:
+            if recorded:
+                part["report"].append({"id": case_id, "kind": "reflective",
+                                       "reason": "self-correction needs a tool (--tool recorded replays recorded masks)"})
+            elif wrong is not None:
                 action = Action.from_click(wrong, rgb.shape[1], rgb.shape[0])
                 episodes.append(episode("self_correction", reflect.with_self_correction(turns, at, action), {},
                                         expected))
@@ -482,7 +510,9 @@ def sft_case(task: dict[str, Any]) -> dict[str, Any]:
             else:
                 part["report"].append({"id": case_id, "kind": "reflective", "reason": "no other structure found"})
         for ep in episodes:
-            env = SegmentationEnv(rgb, ep.instruction, ep.targets, session, policy_grid=grid,
+            episode_session = session if session is not None else RecordedSession(
+                rgb.shape[:2], recorded_calls(ep.turns, ep.expected, targets))
+            env = SegmentationEnv(rgb, ep.instruction, ep.targets, episode_session, policy_grid=grid,
                                   initial_masks=ep.initial or None,
                                   config=EnvConfig(max_steps=len(ep.turns) + 1, history=options.history,
                                                    repeat_limit=options.repeat_limit),
@@ -583,7 +613,10 @@ def build_sft(
         max_steps: drop trajectories with more expert clicks than this.
         min_dice: drop trajectories whose final Dice (any target) is below this.
         seed: every random choice (templates, phrasing, reflective samples) derives from it and the case id.
-        tool: tool spec to replay with (default: the ``tool`` named in the records, e.g. ``embedded``).
+        tool: tool spec to replay with, or ``"recorded"``: the recorded masks stand in for the tool
+            (:class:`ibisagent.env.RecordedSession`; no tool needed, e.g. MedSAM2 trajectories on a laptop; no
+            self-correction samples, which need the tool's answer to a new click). Default: ``embedded`` when the
+            records were made with it, else ``"recorded"``.
         device: torch device of model-based tools.
         manifest: the manifest the trajectories were simulated from: gives refinement cases their initial mask and
             the reasoning the ground truth (without it, the structure each trajectory ends on).
@@ -618,6 +651,13 @@ def build_sft(
         records = list(read_trajectories(trajectories))
     else:
         records = list(trajectories)
+    if tool is None:
+        tools = {r.tool for r in records}
+        tool = "embedded" if tools <= {"embedded"} else RECORDED
+        log.info("replaying with %s (records made with %s)", tool, ", ".join(sorted(tools)) or "no tool")
+    if tool != RECORDED:
+        load_tool_cached(tool, device)  # a bad tool spec fails here, before any work
+    options = replace(options, tool=tool)
     groups = _group(records)
     cases: dict[str, Case] = {}
     if manifest is not None:
