@@ -33,6 +33,7 @@ import functools
 import io
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -66,6 +67,8 @@ HistoryMode = Literal["off", "full"]
 DEFAULT_MAX_PIXELS = 262144
 #: Qwen2.5-VL's smallest image, pixels.
 DEFAULT_MIN_PIXELS = 56 * 56
+#: zlib level of the PNG images in the datasets: fast to write; the pixels are exact at any level.
+PNG_LEVEL = 1
 #: Qwen2.5-VL's patch (14) × merge (2): policy-grid sides are multiples of this.
 GRID_FACTOR = 28
 
@@ -81,12 +84,30 @@ def dataset_features():  # noqa: ANN201 - datasets.Features, imported lazily
 
 def qwen_grid(height: int, width: int, min_pixels: int = DEFAULT_MIN_PIXELS,
               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """The policy grid ``(h, w)`` of a Qwen2.5-VL processor for an ``height`` × ``width`` image: transformers'
-    ``smart_resize`` (multiples of 28, ``min_pixels ≤ h·w ≤ max_pixels``), as :meth:`HFPolicy.image_size` uses."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    """The policy grid ``(h, w)`` a Qwen2.5-VL processor gives an ``height`` × ``width`` image: multiples of 28 with
+    ``min_pixels ≤ h·w ≤ max_pixels``, the aspect ratio kept as closely as possible.
 
-    h, w = smart_resize(int(height), int(width), factor=GRID_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
-    return int(h), int(w)
+    This is transformers' ``smart_resize`` (``models/qwen2_vl/image_processing_qwen2_vl.py``, what
+    :meth:`HFPolicy.image_size` calls) line for line: importing that module costs seconds per data worker (it pulls
+    in torchvision), and ``tests/test_data_text.py`` checks the two agree on every size up to 600 × 600 pixels.
+
+    Raises:
+        ValueError: an aspect ratio above 200 (as transformers).
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    factor = GRID_FACTOR
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return int(h_bar), int(w_bar)
 
 
 @dataclass(frozen=True)
@@ -202,7 +223,7 @@ def expert_plan(records: Sequence[TrajectoryRecord]) -> tuple[list[Turn], dict[i
 
 def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    PILImage.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    PILImage.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", compress_level=PNG_LEVEL)
     return buf.getvalue()
 
 
