@@ -16,7 +16,10 @@ and the image resizing are byte for byte what a model sees in use. Only the assi
   another structure then ``Reset``.
 
 The replayed masks are checked against the recorded ones: a trajectory recorded with another tool (or a refinement
-case given without its manifest) is skipped with the reason, never silently changed.
+case given without its manifest) is skipped with the reason, never silently changed. With ``tool="recorded"`` (the
+default for trajectories of any tool but ``embedded``) the recorded masks stand in for the tool
+(:class:`ibisagent.env.RecordedSession`), so trajectories made with a GPU checkpoint build on a laptop; only the
+self-correction samples need a real tool (the answer to a new, wrong click).
 
 **Dataset** (``OUT``, ``datasets.load_from_disk(OUT)``): columns ``messages`` — a list of ``{"role", "content":
 [{"type": "text", "text": str} | {"type": "image", "text": None}], "train": bool}`` (``train`` is ``True`` on trained
