@@ -75,7 +75,8 @@ def test_writer_never_leaks_and_varies() -> None:
     for seed in range(60):
         rng = random.Random(seed)
         for actions, cur in (([Action("positive", 0.2, 0.45)], current), ([Action("negative", 0.6, 0.6)], current),
-                             ([Action("positive", 0.2, 0.2)], np.zeros_like(current)), ([Action("terminate")], current)):
+                             ([Action("positive", 0.2, 0.2)], np.zeros_like(current)),
+                             ([Action("terminate")], current)):
             text = reasoning.write_think(actions, {"t": reference}, {"t": cur}, ["t"], "MR", rng)
             assert reasoning.leaks(text) == [], text
             texts.add(text)

@@ -1,4 +1,4 @@
-"""The ``ibisagent`` command line: ``simulate``, ``eval``, ``segment``, ``render``, ``bench``, ``demo``, ``build-sft``, ``build-rl``.
+"""The ``ibisagent`` command line: segment, simulate, eval, render, bench, demo, build-sft, build-rl.
 
 Exit codes: 0 success; 1 when any case of a batch failed (the others are still written); 2 for bad usage or input.
 """

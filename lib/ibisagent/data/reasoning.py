@@ -173,7 +173,8 @@ _MISS = (
 _SPILL = (
     "The mask spills beyond the {target} on its {direction} side, into tissue that does not belong to it around "
     "({x:.2f}, {y:.2f}); a negative point there removes it.",
-    "The mask has leaked past the {direction} edge of the {target}, covering neighbouring tissue near ({x:.2f}, {y:.2f}). "
+    "The mask has leaked past the {direction} edge of the {target}, covering neighbouring tissue near "
+    "({x:.2f}, {y:.2f}). "
     "I place a negative point to cut it back.",
     "Some of the mask {where_click} lies outside the {target}. A negative point at ({x:.2f}, {y:.2f}) takes that "
     "region out.",
@@ -189,13 +190,15 @@ _ABSENT = (
     "The {target} is not visible in this image; the right result is an empty mask.",
 )
 _UNDO = (
-    "The last point made the mask worse: it now covers tissue on the {direction} side that is not the {target}. I undo that step.",
+    "The last point made the mask worse: it now covers tissue on the {direction} side that is not the {target}. "
+    "I undo that step.",
     "After the previous step the mask looks wrong on its {direction} side; that point did not help, so I take it back.",
     "That last step moved the mask away from the {target}. Undo, then try a better point.",
 )
 _UNDO_LOSS = (
     "The last point cut away part of the {target} itself, on the {direction} side; that was a mistake, so I undo it.",
-    "After the previous step a piece of the {target} on the {direction} side dropped out of the mask. I take that step back.",
+    "After the previous step a piece of the {target} on the {direction} side dropped out of the mask. "
+    "I take that step back.",
 )
 _UNDO_START = (
     "The mask from that first point lies {where} on tissue that is not the {target}. I undo it and start again.",

@@ -32,7 +32,14 @@ import numpy as np
 
 from ibisagent.data.manifest import Case, CaseError, load_case, read_manifest
 from ibisagent.data.runner import Engine, prepare_work_dir, run_tasks
-from ibisagent.data.sft import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, png_bytes, dataset_messages, load_tool_cached, qwen_grid
+from ibisagent.data.sft import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    dataset_messages,
+    load_tool_cached,
+    png_bytes,
+    qwen_grid,
+)
 from ibisagent.data.trajectory import rle_encode
 from ibisagent.env import EnvConfig, SegmentationEnv
 from ibisagent.fileio import atomic_write_text

@@ -98,7 +98,8 @@ def qwen_grid(height: int, width: int, min_pixels: int = DEFAULT_MIN_PIXELS,
         ValueError: an aspect ratio above 200 (as transformers).
     """
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
     factor = GRID_FACTOR
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
@@ -321,7 +322,8 @@ WRONG_START_IOU = 0.2
 
 def made_worse(before: np.ndarray, after: np.ndarray, reference: np.ndarray) -> bool:
     """Whether a step turned mask ``before`` into a worse ``after`` for structure ``reference`` ((H, W) bool): the
-    IoU fell, or — from an empty mask — the new mask lies mostly off the structure (IoU < :data:`WRONG_START_IOU`)."""
+    IoU fell, or — from an empty mask — the new mask lies mostly off the structure (IoU below
+    :data:`WRONG_START_IOU`)."""
     after_iou = iou(after, reference)
     if not before.any():
         return bool(after.any()) and after_iou < WRONG_START_IOU
@@ -518,7 +520,8 @@ def sft_case(task: dict[str, Any]) -> dict[str, Any]:
             wrong = reflect.wrong_click(refs[targets[0]], before, rng)  # type: ignore[arg-type]
             if recorded:
                 part["report"].append({"id": case_id, "kind": "reflective",
-                                       "reason": "self-correction needs a tool (--tool recorded replays recorded masks)"})
+                                       "reason": "self-correction needs a tool "
+                                                 "(--tool recorded replays recorded masks)"})
             elif wrong is not None:
                 action = Action.from_click(wrong, rgb.shape[1], rgb.shape[0])
                 episodes.append(episode("self_correction", reflect.with_self_correction(turns, at, action), {},
