@@ -345,3 +345,12 @@ def test_recorded_masks_replay_without_the_tool(simulated, tmp_path: Path) -> No
                       reflective=ReflectiveRatios(1.0, 0.0))
     assert stats["self_correction"] == 0  # a wrong click needs the tool's answer
     assert "self-correction needs a tool" in (tmp_path / "wrong" / "report.jsonl").read_text()
+
+
+def test_a_build_without_rows_says_why(simulated, tmp_path: Path) -> None:
+    manifest, trajectories = simulated
+    with pytest.raises(ValueError, match="no SFT rows: all 5 case"):
+        build_sft(trajectories, tmp_path / "none", manifest=manifest, min_dice=1.01, max_pixels=PIXELS,
+                  progress=False)
+    report = (tmp_path / "none" / "report.jsonl").read_text().splitlines()
+    assert len(report) == 5 and all(json.loads(line)["kind"] == "filtered" for line in report)

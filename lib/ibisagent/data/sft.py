@@ -710,18 +710,13 @@ def build_sft(
 
 
 def _write_dataset(out: Path, parts: Sequence[dict[str, Any]], options: SftOptions) -> dict[str, Any]:
+    """Write the report, the statistics and the dataset of finished ``parts`` into ``out``.
+
+    Raises:
+        ValueError: no case gave a row (every one skipped or filtered; the reasons are in ``report.jsonl``).
+    """
     import datasets
 
-    part_files = [str(out / ".work" / f"{p['key']}.pkl") for p in parts]
-    cache = out / ".work" / "hf-cache"
-    fingerprint = _fingerprint(parts, options)
-    dataset = datasets.Dataset.from_generator(_rows, features=dataset_features(), cache_dir=str(cache),
-                                              gen_kwargs={"files": part_files}, fingerprint=fingerprint)
-    for stale in out.glob("data-*.arrow"):
-        stale.unlink()
-    dataset.save_to_disk(str(out))
-    del dataset
-    shutil.rmtree(cache, ignore_errors=True)
     meta = [m for p in parts for m in p["meta"]]
     atomic_write_text(out / "rows.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in meta))
     report = [r for p in parts for r in p["report"]]
@@ -729,6 +724,22 @@ def _write_dataset(out: Path, parts: Sequence[dict[str, Any]], options: SftOptio
     stats = summarize([p["stats"] for p in parts])
     atomic_write_text(out / "stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
     atomic_write_text(out / "stats.md", format_stats(stats) + "\n")
+    if not meta:
+        raise ValueError(f"no SFT rows: all {len(parts)} case(s) were skipped or filtered; the reasons are in "
+                         f"{out / 'report.jsonl'}")
+    part_files = [str(out / ".work" / f"{p['key']}.pkl") for p in parts]
+    cache = out / ".work" / "hf-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    dataset = datasets.Dataset.from_generator(_rows, features=dataset_features(), cache_dir=str(cache),
+                                              gen_kwargs={"files": part_files},
+                                              fingerprint=_fingerprint(parts, options))
+    if len(dataset) != len(meta):
+        raise RuntimeError(f"datasets generated {len(dataset)} rows from {len(meta)} built ones ({cache})")
+    for stale in out.glob("data-*.arrow"):
+        stale.unlink()
+    dataset.save_to_disk(str(out))
+    del dataset
+    shutil.rmtree(cache, ignore_errors=True)
     return stats
 
 
