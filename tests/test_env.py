@@ -118,6 +118,7 @@ def same_observation(obs: EnvObservation, request: PolicyRequest) -> bool:
     assert state is not None
     return (same_messages(obs.messages, request.messages) and obs.state.step == state.step
             and obs.state.targets == state.targets and np.array_equal(obs.state.image, state.image)
+            and obs.state.clicks == state.clicks
             and all(np.array_equal(obs.state.masks[n], state.masks[n]) for n in state.targets))
 
 
@@ -183,6 +184,8 @@ def test_observation_image_is_the_overlay_of_the_current_masks(session: ImageSes
     # masks in results stay in the image grid; the state shown to state-reading policies is in the policy grid
     assert result.masks["disc"].shape == (H, W)
     assert np.array_equal(result.observation.state.masks["disc"], resize_mask(result.masks["disc"], (48, 64)))
+    assert result.clicks[0].click == Click(50, 40, True) and result.clicks[0].policy_click == Click(25, 20, True)
+    assert result.observation.state.clicks == {"disc": (Click(25, 20, True),)}
 
 
 @pytest.mark.parametrize("history", ["off", "full"])
@@ -303,6 +306,9 @@ def test_apply_parsed_actions_for_framework_adapters(session: ImageSession) -> N
     result = env.apply([click(50, 40)])
     assert is_strict_format(result.raw) and result.strict_format and len(result.clicks) == 1
     assert result.clicks[0].in_error_region is True and result.scores is not None and result.scores[0].improved
+    # what an adapter returns as the tool's result: the newest user turn, its image = the current overlay
+    assert result.observation is not None and result.observation.turn["role"] == "user"
+    assert np.array_equal(result.observation.turn["content"][0]["image"], np.asarray(env.overlay_image()))
     unknown = env.apply([click(50, 40, target="liver")])
     assert unknown.error and "unknown target" in unknown.error and not unknown.done
     end = env.apply([Action("terminate")])

@@ -75,6 +75,8 @@ from ibisagent.protocol import (
     is_strict_format,
     parse_response,
     repair_message,
+    to_pixel,
+    to_relative,
 )
 from ibisagent.tools.base import ImageSession, Prediction, check_image
 
@@ -224,7 +226,8 @@ class EnvObservation:
 
     Attributes:
         messages: the conversation in the Hugging Face / OpenAI shape (:mod:`ibisagent.policies.base`), images as
-            (h, w, 3) uint8 arrays in the policy grid; history mode applied, a pending repair turn included.
+            (h, w, 3) uint8 arrays in the policy grid; history mode applied, a pending repair turn included. The
+            message dicts are shared with later observations: copy before mutating (trl's collators mutate).
         images: the images of ``messages`` in placeholder order.
         state: the masks in the policy grid, for policies that act on state (the oracle).
         step: 0-based index of the step this observation asks for.
@@ -246,6 +249,12 @@ class EnvObservation:
     def image(self) -> np.ndarray:
         """The latest image of the conversation (the current overlay, or the plain image at the start)."""
         return self.images[-1]
+
+    @property
+    def turn(self) -> Message:
+        """The newest user turn (the overlay + refinement prompt, the first turn, or a repair turn): what a
+        framework that keeps its own history (trl's ``environment_factory``) appends after the model's turn."""
+        return self.messages[-1]
 
 
 @dataclass(frozen=True)
@@ -388,6 +397,12 @@ class SegmentationEnv:
     Raises:
         ValueError: a bad image, target list, mask shape, grid or ground truth (the message names it). Model
             output never raises; tool exceptions end the episode with ``tool_error``.
+
+    Attributes (read them, do not assign):
+        grid: (H, W) of the image; policy_grid: (h, w) the policy sees; targets: the names as a tuple.
+        state: the current :class:`EnvState`; step_index: index of the next step; attempt: repair attempt of it.
+        stop_reason: ``None`` while running; answer: the final ``<answer>`` text; error: the message that ended the
+            episode (malformed output, repeated click, tool or policy error).
     """
 
     def __init__(
@@ -519,11 +534,15 @@ class SegmentationEnv:
     def _build_observation(self) -> EnvObservation:
         base = self._history if self.config.history == "full" else [self.system, self._current]
         messages = [*base, *self._repair_tail]
+        ph, pw = self.policy_grid
+        h, w = self.grid
         state = Observation(
             image=self.policy_image,
             masks={name: resize_mask(mask, self.policy_grid) for name, mask in self.masks.items()},
             targets=self.targets,
             step=self.step_index,
+            clicks={name: tuple(Click(*to_pixel(*to_relative(c.x, c.y, w, h), pw, ph), c.positive) for c in t.clicks)
+                    for name, t in zip(self.targets, self.state.targets)},
         )
         return EnvObservation(messages=messages, images=_images_of(messages), state=state, step=self.step_index,
                               attempt=self.attempt)

@@ -15,11 +15,13 @@ concurrency) can.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ibisagent.clicks import Click
 
 Message = dict[str, Any]
 Conversation = list[Message]
@@ -44,12 +46,15 @@ class Observation:
         masks: target name → current (H, W) bool mask.
         targets: target names in request order.
         step: 0-based step index.
+        clicks: target name → the clicks of the current state (after any ``Undo``/``Reset``), in pixels of
+            ``image`` (x = column), in order; empty when the caller does not track them.
     """
 
     image: np.ndarray
     masks: dict[str, np.ndarray]
     targets: tuple[str, ...]
     step: int
+    clicks: Mapping[str, tuple[Click, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ the policy grid) and writes, through :func:`ibisagent.protocol.format_response` 
 * ``Terminate`` + ``<answer>`` (target names; "not present" for absent targets) once every target has reached
   ``iou_stop`` or has no error left that a click could fix.
 
-Clicks already written in earlier assistant turns of the conversation (history mode ``full``) are not repeated.
+Clicks already made (the observation's clicks of the current state, and those written in earlier assistant turns of
+the conversation in history mode ``full``) are not repeated.
 
 The oracle is the simulated expert of the training data: ``ibisagent simulate``, radiologist corrections and the SFT
 builder run it through the environment (:mod:`ibisagent.env`) like any other policy, so its recorded turns are
@@ -113,6 +114,8 @@ class OraclePolicy(Policy):
         truths = {name: self._truth_in_grid(name, obs.image.shape[:2]) for name in obs.targets}
         multi = len(obs.targets) > 1
         earlier = _earlier_clicks(request.messages, obs)
+        for name, clicks in obs.clicks.items():  # the state's clicks (history off shows no earlier turns)
+            earlier.setdefault(name, []).extend(clicks)
         h, w = obs.image.shape[:2]
         drawn = [name for name in obs.targets if obs.masks[name].any()]
         if drawn and all(iou(obs.masks[name], truths[name]) == 0.0 for name in drawn) and obs.step == 0:
