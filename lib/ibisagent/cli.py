@@ -1,4 +1,4 @@
-"""The ``ibisagent`` command line: ``simulate``, ``eval``, ``render``, ``bench``, ``demo``.
+"""The ``ibisagent`` command line: segment, simulate, eval, render, bench, demo, build-sft, build-rl.
 
 Exit codes: 0 success; 1 when any case of a batch failed (the others are still written); 2 for bad usage or input.
 """
@@ -108,7 +108,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")
     p.add_argument("--manifest", type=Path, default=SAMPLE_MANIFEST)
     _add_loop_options(p)
+    _add_build_sft_parser(sub)
+    _add_build_rl_parser(sub)
     return parser
+
+
+def _add_build_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="output folder (a killed run started again resumes)")
+    p.add_argument("--device", default="cpu", help="torch device for model-based tools (default: cpu)")
+    p.add_argument("--prompts", type=Path, help="a TOML prompt file overriding the built-in wording")
+    p.add_argument("--max-pixels", type=int, default=262144,
+                   help="policy image budget in pixels, as the processor's max_pixels (default: 262144)")
+    p.add_argument("--min-pixels", type=int, default=3136, help="policy image minimum in pixels (default: 3136)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local process pool, or a Ray Data pipeline (joins $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_build_sft_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build-sft", help="SFT dataset (datasets.save_to_disk) from expert trajectories")
+    p.add_argument("trajectories", type=Path, help="trajectory JSONL from `ibisagent simulate`")
+    p.add_argument("--history", choices=("off", "full"), default="off",
+                   help="off: one row per turn (the released checkpoint's setting); full: one row per episode")
+    p.add_argument("--manifest", type=Path, help="the manifest the trajectories came from (initial masks of "
+                   "refinement cases; ground truth for the reasoning)")
+    p.add_argument("--tool", default=None, help="tool spec to replay with, or `recorded` (the recorded masks stand in "
+                   "for the tool; default: embedded for embedded records, else recorded)")
+    p.add_argument("--reflective", type=float, default=0.0,
+                   help="probability per trajectory of a self-correction and of a user-inconsistency episode")
+    p.add_argument("--self-correction", type=float, default=None, help="override --reflective for self-correction")
+    p.add_argument("--inconsistency", type=float, default=None, help="override --reflective for user inconsistency")
+    p.add_argument("--max-steps", type=int, default=None, help="drop trajectories with more expert clicks")
+    p.add_argument("--min-dice", type=float, default=None, help="drop trajectories with a lower final Dice")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--instruction-ratio", type=float, default=0.5,
+                   help="share of episodes with a request from the instruction library (default: 0.5)")
+    p.add_argument("--refinement-ratio", type=float, default=0.3,
+                   help="share of single-target episodes with a library refinement prompt (default: 0.3)")
+    p.add_argument("--teacher", help="reasoning from a teacher model: openai:URL#MODEL (any OpenAI-compatible server)")
+    p.add_argument("--teacher-cache", type=Path, help="teacher reply cache (default: OUT/../teacher-cache)")
+    p.add_argument("--teacher-rate", type=float, default=2.0, help="teacher requests per second (default: 2)")
+    p.add_argument("--teacher-retries", type=int, default=2, help="new replies after a rejected one (default: 2)")
+    p.add_argument("--llamafactory", action="store_true", help="also export OUT/llamafactory (ShareGPT layout)")
+    _add_build_options(p)
+
+
+def _add_build_rl_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build-rl", help="RL rows (step, rollout, VQA) as parquet from a manifest")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--modes", nargs="+", choices=("step", "rollout", "vqa"), default=["step", "rollout", "vqa"])
+    p.add_argument("--tool", default="embedded", help="tool spec of the expert states (default: embedded)")
+    p.add_argument("--iou-stop", type=float, default=DEFAULT_IOU_STOP, help="expert stops at this IoU")
+    p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_CLICKS, help="expert step budget")
+    p.add_argument("--rule", choices=("peak", "area"), default="peak", help="expert click rule")
+    p.add_argument("--verl", action="store_true", help="also write OUT/verl/step.parquet (verl row layout)")
+    _add_build_options(p)
 
 
 def _load_tool(spec: str, device: str):  # noqa: ANN202 - SegmentationTool, imported lazily
@@ -366,8 +421,55 @@ def _report_errors(results: Sequence[object]) -> int:
     return 1 if failed else 0
 
 
+def cmd_build_sft(args: argparse.Namespace) -> int:
+    from ibisagent.data.reflect import ReflectiveRatios
+    from ibisagent.data.sft import TeacherSpec, build_sft, format_stats
+
+    teacher = None
+    if args.teacher:
+        from ibisagent.policies.openai import parse_openai_spec
+
+        if not args.teacher.startswith("openai:"):
+            raise ValueError(f"--teacher must be openai:URL#MODEL, got {args.teacher!r}")
+        url, model = parse_openai_spec(args.teacher[len("openai:"):])
+        cache = args.teacher_cache or args.out.parent / "teacher-cache"
+        teacher = TeacherSpec(url=url, model=model, cache_dir=str(cache.resolve()), per_second=args.teacher_rate,
+                              retries=args.teacher_retries)
+    ratios = ReflectiveRatios(
+        args.reflective if args.self_correction is None else args.self_correction,
+        args.reflective if args.inconsistency is None else args.inconsistency)
+    _prepare_dir(args.out)
+    stats = build_sft(args.trajectories, args.out, history=args.history, reflective=ratios, max_steps=args.max_steps,
+                      min_dice=args.min_dice, seed=args.seed, tool=args.tool, device=args.device,
+                      manifest=args.manifest, teacher=teacher, prompts=args.prompts,
+                      instruction_ratio=args.instruction_ratio, refinement_ratio=args.refinement_ratio,
+                      min_pixels=args.min_pixels, max_pixels=args.max_pixels, workers=args.workers,
+                      engine=args.engine, progress=not args.no_progress, llamafactory=args.llamafactory)
+    print(format_stats(stats))
+    print(f"\n{stats['rows']} rows → {args.out} (datasets.load_from_disk); skipped and filtered cases: "
+          f"{args.out / 'report.jsonl'}")
+    return 0
+
+
+def cmd_build_rl(args: argparse.Namespace) -> int:
+    from ibisagent.data.rl import build_rl
+
+    _prepare_dir(args.out)
+    stats = build_rl(args.manifest, args.out, modes=args.modes, tool=args.tool, device=args.device,
+                     iou_stop=args.iou_stop, max_steps=args.max_steps, rule=args.rule, prompts=args.prompts,
+                     min_pixels=args.min_pixels, max_pixels=args.max_pixels, workers=args.workers,
+                     engine=args.engine, progress=not args.no_progress, verl=args.verl)
+    lines = ["| modality | " + " | ".join(stats["rows"]) + " |", "|---|" + "---|" * len(stats["rows"])]
+    for modality, counts in stats["per_modality"].items():
+        lines.append(f"| {modality or '(none)'} | " + " | ".join(str(counts.get(m, 0)) for m in stats["rows"]) + " |")
+    lines.append("| **all** | " + " | ".join(str(n) for n in stats["rows"].values()) + " |")
+    print("\n".join(lines))
+    print(f"\nparquet → {args.out}; {stats['skipped']} case(s) skipped (reasons in {args.out / 'report.jsonl'})")
+    return 0
+
+
 COMMANDS = {"simulate": cmd_simulate, "eval": cmd_eval, "segment": cmd_segment, "render": cmd_render,
-            "bench": cmd_bench, "demo": cmd_demo}
+            "bench": cmd_bench, "demo": cmd_demo, "build-sft": cmd_build_sft, "build-rl": cmd_build_rl}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -379,6 +481,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except PolicyError as exc:
         print(f"ibisagent: the policy failed: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        from ibisagent.data.reasoning import TeacherUnavailable
+
+        if not isinstance(exc, TeacherUnavailable):
+            raise
+        print(f"ibisagent: {exc}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
         print(f"ibisagent: {exc}", file=sys.stderr)
