@@ -1,6 +1,6 @@
-"""Pictures: mask overlays (what the policy sees), trajectory strips and evaluation plots.
+"""Figures: trajectory strips and evaluation plots.
 
-Overlays are numpy in, numpy out ((H, W, 3) uint8). Figures are written with matplotlib's Agg backend (no display
+The overlay the policy sees lives in :mod:`ibisagent.observation` (no matplotlib there). Figures are written with matplotlib's Agg backend (no display
 needed) through :func:`ibisagent.fileio.atomic_path`.
 """
 
@@ -19,40 +19,14 @@ import numpy as np  # noqa: E402
 
 from ibisagent.data.trajectory import TrajectoryRecord, rle_decode  # noqa: E402
 from ibisagent.fileio import atomic_path  # noqa: E402
+from ibisagent.observation import OVERLAY_ALPHA, TARGET_COLOURS, overlay  # noqa: E402,F401 - re-exported
 
 if TYPE_CHECKING:
     from ibisagent.evaluate import CaseResult
 
-#: Overlay colours per target index (RGB): green first, as the released checkpoint was trained to read.
-TARGET_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (0, 255, 0), (255, 200, 0), (0, 160, 255), (255, 0, 255), (255, 96, 0), (0, 255, 255),
-)
-#: Opacity of the mask over the image.
-OVERLAY_ALPHA = 0.4
 POSITIVE_COLOUR = "#00d000"
 NEGATIVE_COLOUR = "#ff2020"
 STRIP_COLUMNS = 6
-
-
-def overlay(rgb: np.ndarray, masks: Sequence[np.ndarray], alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """Blend masks over an image, one colour per mask (:data:`TARGET_COLOURS`).
-
-    Args:
-        rgb: (H, W, 3) uint8 image.
-        masks: (H, W) bool masks, in target order.
-        alpha: opacity in [0, 1].
-
-    Returns:
-        (H, W, 3) uint8; the input is not modified.
-    """
-    out = np.asarray(rgb, dtype=np.float32).copy()
-    for index, mask in enumerate(masks):
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != out.shape[:2]:
-            raise ValueError(f"mask shape {mask.shape} != image shape {out.shape[:2]}")
-        colour = np.asarray(TARGET_COLOURS[index % len(TARGET_COLOURS)], dtype=np.float32)
-        out[mask] = (1.0 - alpha) * out[mask] + alpha * colour
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def render_trajectory(rgb: np.ndarray, record: TrajectoryRecord, path: str | os.PathLike[str],

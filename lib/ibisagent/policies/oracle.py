@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ibisagent.agent import resize_mask
+from ibisagent.observation import resize_mask
 from ibisagent.clicks import Click, ErrorRule, SimulatedStep, next_click
 from ibisagent.data.trajectory import ClickRecord, StepRecord, rle_encode
 from ibisagent.metrics import iou
