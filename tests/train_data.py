@@ -71,3 +71,26 @@ def write_sft_dataset(out: Path, rows: int = 4, size: int = 56, bad_rows: bool =
         records["images"].append([square_image(size, 28, 28)])  # 2 placeholders, 1 image
     Dataset.from_dict(records).save_to_disk(str(out))
     return out
+
+
+def write_manifest(out: Path, cases: int = 2, size: int = 56, absent: bool = True) -> Path:
+    """A manifest of ``cases`` PNG images with a bright square and its mask (plus one absent-target case)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(cases):
+        cx, cy = 16 + 8 * i, 28
+        image = square_image(size, cx, cy, seed=i)
+        image.save(out / f"img{i}.png")
+        mask = np.zeros((size, size), np.uint8)
+        mask[max(cy - 6, 0):cy + 6, max(cx - 6, 0):cx + 6] = 255
+        Image.fromarray(mask).save(out / f"mask{i}.png")
+        lines.append({"id": f"c{i}", "image": f"img{i}.png", "modality": "MR", "instruction": "Segment the lesion.",
+                      "targets": [{"name": "lesion", "mask": f"mask{i}.png"}]})
+    if absent:
+        lines.append({"id": "absent", "image": "img0.png", "modality": "MR", "instruction": "Segment the polyp.",
+                      "targets": [{"name": "polyp", "mask": None}]})
+    path = out / "manifest.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

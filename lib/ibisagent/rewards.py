@@ -252,3 +252,56 @@ length_reward = _reward("length")
 
 #: The five trl reward functions in :data:`REWARD_NAMES` order.
 REWARD_FUNCTIONS = (format_reward, answer_reward, click_reward, progress_reward, length_reward)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading the environment
+
+
+def episode_from_steps(
+    steps: Sequence[Any],
+    masks: Mapping[str, Any],
+    *,
+    answer: str | None = None,
+    stop_reason: str | None = None,
+    expected_answer: str | None = None,
+    optimal_steps: int | None = None,
+) -> Episode:
+    """An :class:`Episode` from the environment's records (:class:`ibisagent.env.StepResult` objects, which need
+    ground truth for scores) and its final masks (target name → (H, W) bool). Reads the records only: IoU before /
+    after, each click's ``in_error_region``, the raw text, the answer and the targets it declared absent."""
+    turns = []
+    final: dict[str, float] = {}
+    present: dict[str, bool] = {}
+    declared: set[str] = set()
+    for step in steps:
+        scores = step.scores or ()
+        turns.append(Turn(
+            raw=step.raw,
+            iou_before={s.name: float(s.iou_before) for s in scores},
+            iou_after={s.name: float(s.iou_after) for s in scores},
+            clicks=tuple(ClickOutcome(positive=c.action.kind == "positive", in_error_region=bool(c.in_error_region))
+                         for c in step.clicks),
+        ))
+        for s in scores:
+            final[s.name] = float(s.iou_after)
+            present[s.name] = bool(s.present)
+        declared |= set(step.absent)
+    return Episode(
+        turns=tuple(turns),
+        final_iou={n: v for n, v in final.items() if present[n]},
+        absent={n: not bool(masks[n].any()) for n in final if not present[n]},
+        answer=answer,
+        absent_declared=frozenset(declared),
+        expected_answer=expected_answer,
+        stop_reason=stop_reason or "",
+        optimal_steps=optimal_steps,
+    )
+
+
+def episode_from_env(env: Any, first_step: int = 0, *, expected_answer: str | None = None,
+                     optimal_steps: int | None = None) -> Episode:
+    """The :class:`Episode` of a :class:`ibisagent.env.SegmentationEnv` from its ``first_step``-th record on (step
+    mode replays recorded turns first and scores only the policy's)."""
+    return episode_from_steps(env.steps[first_step:], env.masks, answer=env.answer, stop_reason=env.stop_reason,
+                              expected_answer=expected_answer, optimal_steps=optimal_steps)
