@@ -94,3 +94,43 @@ def write_manifest(out: Path, cases: int = 2, size: int = 56, absent: bool = Tru
     path = out / "manifest.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+def oracle_sft_dataset(manifest: Path, out: Path, settings, repeat: int = 1) -> Path:
+    """A full-history SFT dataset of the oracle's episodes on the environment (a stand-in for ``build-sft`` in
+    tests): every assistant turn trained."""
+    from datasets import Dataset
+
+    from ibisagent.data.manifest import read_cases
+    from ibisagent.train.environment import make_env
+    from ibisagent.train.grpo import oracle_turns, prompt_of
+
+    records = {"messages": [], "images": []}
+    for case in read_cases(manifest):
+        env = make_env(str(manifest), case.id, settings)
+        env.reset()
+        turns = oracle_turns(env)
+        history, images = prompt_of(env.observation.messages)
+        for m in history:
+            m["train"] = True if m["role"] == "assistant" else None
+        history.append({"role": "assistant", "content": [text(turns[-1])], "train": True})
+        for _ in range(repeat):
+            records["messages"].append(history)
+            records["images"].append(images)
+    Dataset.from_dict(records).save_to_disk(str(out))
+    return out
+
+
+SHORT_PROMPTS = '''system = "Segment with points."
+first = "{instruction}"
+first_multi = "{instruction} {targets}"
+refine = "{instruction} Refine."
+refine_multi = "{instruction} {legend}"
+'''
+
+
+def short_prompts(out: Path) -> str:
+    """A prompts file with one-line wording (short sequences keep CPU training tests fast)."""
+    path = out / "short.toml"
+    path.write_text(SHORT_PROMPTS)
+    return str(path)

@@ -101,7 +101,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")
     p.add_argument("--manifest", type=Path, default=SAMPLE_MANIFEST)
     _add_loop_options(p)
+    _add_train_parser(sub)
     return parser
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="training: sft, grpo, or the one-command tiny recipe")
+    stages = p.add_subparsers(dest="stage", required=True)
+    for name, help_text in (("sft", "cold-start SFT on an SFT dataset (ibisagent build-sft)"),
+                            ("grpo", "agentic GRPO (step or rollout mode) on a manifest")):
+        s = stages.add_parser(name, help=help_text)
+        s.add_argument("--config", type=Path, help="YAML run config (training/configs/); unknown keys are an error")
+        s.add_argument("--out", type=Path, required=True, help="run folder: policy/, checkpoints/, logs")
+        s.add_argument("--model", help="model directory or 'tiny' (overrides the config)")
+        s.add_argument("--max-steps", type=int, help="optimizer steps (overrides the config)")
+        s.add_argument("--minutes", type=float, help="stop training after this many minutes")
+        s.add_argument("--no-resume", action="store_true", help="start over instead of resuming the last checkpoint")
+        if name == "sft":
+            s.add_argument("--data", type=Path, required=True, help="SFT dataset folder (datasets.save_to_disk)")
+        else:
+            s.add_argument("--manifest", type=Path, required=True, help="image–mask manifest (JSONL)")
+            s.add_argument("--mode", choices=("step", "rollout"), help="GRPO mode (overrides the config)")
+    s = stages.add_parser("tiny", help="manifest → trajectories → SFT data → SFT → GRPO rollout → report, on a CPU")
+    s.add_argument("manifest", type=Path, help="image–mask manifest (JSONL); a part is held out by image")
+    s.add_argument("--out", type=Path, required=True, help="run folder (DIR/policy, DIR/report.json, curves)")
+    s.add_argument("--minutes", type=float, default=45.0, help="time budget shared by all stages (default: 45)")
+    s.add_argument("--extra", type=Path, action="append", default=[],
+                   help="more training manifests (never held out; repeatable)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _load_tool(spec: str, device: str):  # noqa: ANN202 - SegmentationTool, imported lazily
@@ -319,8 +347,37 @@ def _report_errors(results: Sequence[object]) -> int:
     return 1 if failed else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """``train sft|grpo|tiny``: the training entry points (also what the MONAI Label train tasks run)."""
+    if args.stage == "tiny":
+        from ibisagent.train.recipe import run_recipe
+
+        report = run_recipe(args.manifest, args.out, minutes=args.minutes, extra=args.extra, seed=args.seed,
+                            progress=not args.no_progress)
+        print(f"policy: {report['policy']}  (report: {args.out / 'report.json'})")
+        return 0
+    from ibisagent.train.config import GRPORunConfig, SFTRunConfig, load_config
+
+    overrides: dict[str, object] = {"model": args.model, "max_steps": args.max_steps,
+                                    "max_seconds": args.minutes * 60 if args.minutes is not None else None}
+    if args.stage == "sft":
+        from ibisagent.train.sft import run_sft
+
+        result = run_sft(load_config(SFTRunConfig, args.config, overrides), args.data, args.out,
+                         resume=not args.no_resume)
+        print(f"policy: {result.policy}  ({result.rows} rows trained, {len(result.skipped)} skipped)")
+        return 0
+    from ibisagent.train.grpo import run_grpo
+
+    overrides["mode"] = args.mode
+    policy, _ = run_grpo(load_config(GRPORunConfig, args.config, overrides), args.manifest, args.out,
+                         resume=not args.no_resume)
+    print(f"policy: {policy}")
+    return 0
+
+
 COMMANDS = {"simulate": cmd_simulate, "eval": cmd_eval, "segment": cmd_segment, "render": cmd_render,
-            "bench": cmd_bench, "demo": cmd_demo}
+            "bench": cmd_bench, "demo": cmd_demo, "train": cmd_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

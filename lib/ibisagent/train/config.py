@@ -86,7 +86,9 @@ class GRPORunConfig(TrainCommon):
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     beta: float = field(default=0.0, metadata={"help": "KL weight (the paper: 0)"})
     tool: str = field(default="embedded", metadata={"help": "segmenter spec for the environment"})
-    history: Literal["off", "full"] = field(default="full", metadata={"help": "observation history mode"})
+    prompts: str | None = field(
+        default=None, metadata={"help": "prompt wording TOML (as `--prompts` at inference); default the project's"}
+    )
     optimal_steps: int = field(default=3, metadata={"help": "length reward: turns without penalty by default"})
     rewards: dict[str, float] = field(
         default_factory=lambda: {"format": 1.0, "answer": 1.0, "click": 1.0, "progress": 1.0, "length": 1.0},

@@ -52,6 +52,7 @@ def env_settings(config: GRPORunConfig, processor: Any) -> EnvSettings:
         min_pixels=int(ip.size["shortest_edge"]),
         max_pixels=int(ip.size["longest_edge"]),
         factor=int(ip.patch_size) * int(ip.merge_size),
+        prompts=config.prompts,
     )
 
 
