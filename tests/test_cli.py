@@ -65,7 +65,9 @@ def test_eval_scores_good_cases_and_records_bad_ones(small_manifest: Path, tmp_p
     assert "nope.png" in cases["missing"]["error"]
     assert "small.png" in cases["mismatch"]["error"]
     assert "line 4" in cases["line 4"]["error"]
-    assert cases["absent"]["iou"] == 1.0 and cases["absent"]["steps"] == 0 and cases["absent"]["f1"] == 1.0
+    # an absent target: one answer turn ("not present"), no click
+    assert cases["absent"]["iou"] == 1.0 and cases["absent"]["steps"] == 1 and cases["absent"]["f1"] == 1.0
+    assert cases["absent"]["targets"][0]["steps"] == 0
     for key in ("disc", "two"):
         assert cases[key]["iou"] >= 0.9 and "error" not in cases[key]
         assert 1 <= cases[key]["steps"] <= 20
@@ -78,7 +80,8 @@ def test_eval_scores_good_cases_and_records_bad_ones(small_manifest: Path, tmp_p
     records = list(read_trajectories(out / "trajectories.jsonl"))
     assert [(r.id, r.target) for r in records] == [("disc", "disc"), ("absent", "tumour"), ("two", "disc"),
                                                    ("two", "square")]
-    assert records[1].answer == "not present" and records[1].steps == []
+    assert records[1].answer == "not present" and [s.action for s in records[1].steps] == ["Terminate"]
+    assert records[1].steps[0].clicks == [] and records[1].source == "simulated"
     assert "| MR | 3 |" in capsys.readouterr().out
 
 

@@ -1,15 +1,17 @@
 """Radiologist corrections → training trajectories, and the crash-safe store they are appended to.
 
 When a radiologist fixes the agent's mask and saves it, the difference between the two masks is new training data:
-:func:`correction_record` replays the fix as *simulated expert clicks* with the same tool (the click simulator of
-:mod:`ibisagent.clicks`, started in refinement mode from the agent's mask) and returns a
+:func:`correction_record` replays the fix as *simulated expert turns* with the same tool — the oracle policy
+(:mod:`ibisagent.policies.oracle`, the radiologist's mask as its ground truth) stepping the environment
+(:mod:`ibisagent.env`) in refinement mode from the agent's mask — and returns a
 :class:`~ibisagent.data.trajectory.TrajectoryRecord` with source ``"correction"``.
 
-Record layout: step 0 is the starting state — the agent's mask, no clicks, empty ``action`` — so that the record
-alone says where the correction started from; steps 1… are the simulated clicks, each with the tool's mask after
-it and its IoU against the radiologist's mask. ``final_iou``/``final_dice`` compare the last mask with the
-radiologist's; ``stop_reason`` is the simulator's (``iou_reached`` with no click steps means the agent's mask was
-accepted as it was).
+Record layout: step 0 is the starting state — the agent's mask, no clicks, empty ``action`` and ``raw`` — so that the
+record alone says where the correction started from; steps 1… are the oracle's turns as the environment recorded
+them (clicks, or ``Reset`` when the agent's mask misses the structure entirely, then ``Terminate``), each with the
+tool's mask after it and its IoU against the radiologist's mask. ``final_iou``/``final_dice`` compare the last mask
+with the radiologist's; ``stop_reason`` is the environment's (``terminate`` right after step 0 means the agent's
+mask was accepted as it was; ``max_steps`` means the click budget ran out).
 
 :class:`CorrectionStore` is an append-only JSONL file that survives crashes: every record is one complete line
 written with a single ``os.write`` on an ``O_APPEND`` descriptor and ``fsync``-ed; the file is never rewritten. A
@@ -28,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ibisagent.clicks import DEFAULT_IOU_STOP, DEFAULT_MAX_CLICKS, simulate
+from ibisagent.agent import AgentConfig, run_agent
+from ibisagent.clicks import DEFAULT_IOU_STOP, DEFAULT_MAX_CLICKS
 from ibisagent.data.trajectory import StepRecord, TrajectoryRecord, rle_encode
-from ibisagent.metrics import dice, iou
-from ibisagent.policies.oracle import oracle_step_records
+from ibisagent.metrics import iou
+from ibisagent.policies.oracle import OraclePolicy
 from ibisagent.tools.base import ImageSession, check_image
 
 logger = logging.getLogger(__name__)
@@ -71,8 +74,8 @@ def correction_record(
         tool_name: tool spec or name, stored in the record.
         modality: "CT", "MR", … when known.
         slice: axial slice of a volume (canonical ``(Z, Y, X)`` index), ``None`` for 2D images.
-        iou_stop: the simulator stops once the tool's mask reaches this IoU with ``final_mask``.
-        max_clicks: click budget of the simulator.
+        iou_stop: the oracle terminates once the tool's mask reaches this IoU with ``final_mask``.
+        max_clicks: most oracle turns (one click each; the ``Terminate`` turn counts).
 
     Returns:
         A record with source ``"correction"`` (layout in the module docstring).
@@ -90,17 +93,14 @@ def correction_record(
     if tuple(tool_session.shape) != (h, w):
         raise ValueError(f"tool session shape {tuple(tool_session.shape)} does not match the image's {(h, w)}")
 
-    steps, stop_reason = simulate(tool_session, final, initial_mask=agent, iou_stop=iou_stop, max_clicks=max_clicks)
-    before = iou(agent, final)
-    records = [StepRecord(clicks=[], mask=rle_encode(agent), iou=round(before, 6), think=START_THINK),
-               *oracle_step_records(steps, w, h, before)]
-    last = steps[-1].mask if steps else agent
-    return TrajectoryRecord(
-        id=case_id, instruction=instruction, image=image_ref, target=target, tool=tool_name, source="correction",
-        modality=modality, slice=slice, steps=records, final_iou=round(iou(last, final), 6),
-        final_dice=round(dice(last, final), 6), stop_reason=stop_reason,
-        answer=None if final.any() else "not present", seconds=round(sum(s.seconds for s in steps), 6),
-    )
+    oracle = OraclePolicy({target: final}, iou_stop=iou_stop)
+    trajectory = run_agent(oracle, tool_session, rgb, instruction, [target], initial_masks={target: agent},
+                           config=AgentConfig(max_steps=max_clicks), ground_truth={target: final})
+    start = StepRecord(clicks=[], mask=rle_encode(agent), iou=round(iou(agent, final), 6), think=START_THINK)
+    record = trajectory.to_records(case_id, image_ref, tool_name, modality=modality, slice=slice,
+                                   ground_truth={target: final}, source="correction")[0]
+    record.steps = [start, *record.steps]
+    return record
 
 
 class CorrectionStore:

@@ -895,14 +895,17 @@ def _step_record(step: StepResult, name: str, truth: np.ndarray | None, multi: b
     mask = step.masks[name]
     clicks = [
         ClickRecord(x=float(c.action.x), y=float(c.action.y), px=c.click.x, py=c.click.y,  # type: ignore[arg-type]
-                    positive=c.click.positive, target=c.target if multi else None)
+                    positive=c.click.positive, target=c.target if multi else None, in_error_region=c.in_error_region)
         for c in step.clicks if c.target == name
     ]
+    score = next((s for s in step.scores or () if s.name == name), None)
+    after = score.iou_after if score is not None else None if truth is None else iou(mask, truth)
     return StepRecord(
-        clicks=clicks, mask=rle_encode(mask), iou=None if truth is None else round(iou(mask, truth), 6),
+        clicks=clicks, mask=rle_encode(mask), iou=None if after is None else round(after, 6),
         action="\n".join(format_action(a) for a in step.actions),
         think=step.response.think if step.response is not None else "", raw=step.raw,
         seconds=round(step.timings.total, 6),
+        iou_before=None if score is None else round(score.iou_before, 6), attempt=step.attempt, error=step.error,
     )
 
 

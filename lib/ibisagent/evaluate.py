@@ -4,8 +4,9 @@
 that failed carries ``"error"`` (and ``null`` scores) and does not count in the aggregate, which reports how many
 failed. IoU and Dice are in [0, 1] (see :mod:`ibisagent.metrics` for the absent-target convention).
 
-The ``oracle`` policy is the click simulator of :mod:`ibisagent.clicks` (it needs the ground truth); it is the
-reference for what a perfect clicker achieves with a given tool, and it produces the training trajectories.
+The ``oracle`` policy is the click simulator of :mod:`ibisagent.clicks` speaking the action grammar (it needs the
+ground truth); it steps the same environment as every other policy. It is the reference for what a perfect clicker
+achieves with a given tool, and it produces the training trajectories.
 """
 
 from __future__ import annotations
@@ -23,23 +24,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ibisagent.clicks import (
-    DEFAULT_IOU_STOP,
-    DEFAULT_MAX_CLICKS,
-    ErrorRule,
-    SimulatedStep,
-    number_of_clicks,
-    simulate,
-)
+from ibisagent.clicks import DEFAULT_IOU_STOP, DEFAULT_MAX_CLICKS, ErrorRule, number_of_clicks
 from ibisagent.data.manifest import CaseError, LoadedCase, load_case, read_manifest
 from ibisagent.data.trajectory import TrajectoryRecord
 from ibisagent.fileio import atomic_write_text
 from ibisagent.metrics import dice, entity_counts, f1_from_counts, iou
-from ibisagent.policies.oracle import oracle_step_records
 from ibisagent.tools.base import SegmentationTool
 
 if TYPE_CHECKING:
-    from ibisagent.agent import AgentConfig
+    from ibisagent.agent import AgentConfig, AgentTrajectory
     from ibisagent.policies.base import Policy
     from ibisagent.prompts import Prompts
 
@@ -104,23 +97,6 @@ class CaseResult:
         return data
 
 
-def _trajectory_record(
-    loaded: LoadedCase, name: str, tool: str, steps: Sequence[SimulatedStep], stop: str, target: np.ndarray
-) -> TrajectoryRecord:
-    case = loaded.case
-    h, w = loaded.rgb.shape[:2]
-    start = loaded.initial_mask if loaded.initial_mask is not None else np.zeros_like(target)
-    records = oracle_step_records(steps, w, h, iou(start, target), target=name if len(case.targets) > 1 else None)
-    final = steps[-1].mask if steps else (loaded.initial_mask if loaded.initial_mask is not None
-                                          else np.zeros_like(target))
-    return TrajectoryRecord(
-        id=case.id, instruction=case.instruction, image=str(case.image), target=name, tool=tool, source="simulated",
-        modality=case.modality, slice=case.slice, steps=records, final_iou=round(iou(final, target), 6),
-        final_dice=round(dice(final, target), 6), stop_reason=stop,
-        answer=None if target.any() else "not present",
-    )
-
-
 def simulate_case(
     loaded: LoadedCase,
     tool: SegmentationTool,
@@ -128,39 +104,22 @@ def simulate_case(
     iou_stop: float = DEFAULT_IOU_STOP,
     max_steps: int = DEFAULT_MAX_CLICKS,
     rule: ErrorRule = "peak",
+    prompts: Prompts | None = None,
 ) -> tuple[list[TrajectoryRecord], CaseResult]:
-    """Run the oracle on every target of one loaded case (one image encode for all targets)."""
+    """The simulated expert on one loaded case: the oracle policy (:class:`ibisagent.policies.oracle.OraclePolicy`)
+    stepping the environment (:mod:`ibisagent.env`) exactly as a model policy would, all targets in one episode, so
+    that the recorded turns (source ``"simulated"``) are the turns a trained policy is expected to write.
+
+    ``max_steps`` bounds the oracle's turns (one click per unfinished target per turn; its ``Terminate`` turn counts).
+    """
+    from ibisagent.agent import AgentConfig
+    from ibisagent.policies.oracle import OraclePolicy
+
     if not loaded.targets:
         return [], CaseResult(id=loaded.case.id, modality=loaded.case.modality,
                               skipped="closed-VQA case without a segmentation target: the oracle has nothing to click")
-    start = time.perf_counter()
-    session = tool.encode(loaded.rgb)
-    records: list[TrajectoryRecord] = []
-    targets: list[TargetResult] = []
-    finals: list[tuple[np.ndarray, np.ndarray]] = []
-    for name, mask in loaded.targets.items():
-        target = np.zeros(loaded.rgb.shape[:2], dtype=bool) if mask is None else mask
-        steps, stop = simulate(session, target, initial_mask=loaded.initial_mask, iou_stop=iou_stop,
-                               max_clicks=max_steps, rule=rule)
-        record = _trajectory_record(loaded, name, tool.name, steps, stop, target)
-        final = record.final_mask()
-        if final is None:
-            final = loaded.initial_mask if loaded.initial_mask is not None else np.zeros_like(target)
-        records.append(record)
-        finals.append((final, target))
-        targets.append(TargetResult(name=name, iou=float(record.final_iou), dice=float(record.final_dice),  # type: ignore[arg-type]
-                                    steps=len(steps), stop_reason=stop, ious=[s.iou for s in steps],
-                                    present=bool(target.any())))
-    seconds = time.perf_counter() - start
-    for record in records:
-        record.seconds = round(seconds / len(records), 6)
-    result = CaseResult(
-        id=loaded.case.id, modality=loaded.case.modality,
-        iou=statistics.fmean(t.iou for t in targets), dice=statistics.fmean(t.dice for t in targets),
-        f1=f1_from_counts(*entity_counts(finals)), steps=sum(t.steps for t in targets), seconds=seconds,
-        targets=targets,
-    )
-    return records, result
+    oracle = OraclePolicy(loaded.targets, rule=rule, iou_stop=iou_stop)
+    return policy_case(loaded, oracle, tool, AgentConfig(max_steps=max_steps), prompts, source="simulated")
 
 
 def run_manifest(
@@ -198,7 +157,7 @@ def run_oracle(
     rule: ErrorRule = "peak",
     progress: bool = True,
 ) -> tuple[list[TrajectoryRecord], list[CaseResult]]:
-    """Simulate every case of a manifest with the oracle (the click simulator)."""
+    """Simulate every case of a manifest with the oracle policy stepping the environment (:func:`simulate_case`)."""
     return run_manifest(
         manifest,
         lambda loaded: simulate_case(loaded, tool, iou_stop=iou_stop, max_steps=max_steps, rule=rule),
@@ -295,12 +254,14 @@ def write_results(out_dir: str | os.PathLike[str], results: Sequence[CaseResult]
 
 
 def policy_case(
-    loaded: LoadedCase, policy: Policy, tool: SegmentationTool, config: AgentConfig, prompts: Prompts | None = None
+    loaded: LoadedCase, policy: Policy, tool: SegmentationTool, config: AgentConfig, prompts: Prompts | None = None,
+    source: str = "policy",
 ) -> tuple[list[TrajectoryRecord], CaseResult]:
-    """Run the agent (an MLLM policy) on one loaded case and score it against the case's ground truth.
+    """Run the agent (any policy, the oracle included) on one loaded case and score it against the case's ground truth.
 
-    ``steps`` is the number of agent turns; per target, ``steps`` and ``ious`` count the turns that clicked (so NoC
-    counts clicks, as for the oracle). A failing policy backend fails the case (it is not scored as an empty mask).
+    ``steps`` is the number of agent turns; per target, ``steps`` is its number of clicks and ``ious`` holds the IoU
+    after each of its clicks (a turn with several clicks on the target repeats the IoU after the turn), so NoC counts
+    clicks, not turns. A failing policy backend fails the case (it is not scored as an empty mask).
     """
     from ibisagent.agent import run_agent
     from ibisagent.policies.base import PolicyError
@@ -313,23 +274,34 @@ def policy_case(
     names = tuple(loaded.targets)
     initial = {n: loaded.initial_mask for n in names} if loaded.initial_mask is not None else None
     trajectory = run_agent(policy, tool.encode(loaded.rgb), loaded.rgb, case.instruction, names, config=config,
-                           prompts=prompts, initial_masks=initial)
+                           prompts=prompts, initial_masks=initial, ground_truth=loaded.targets)
     truth = {n: (m if m is not None else np.zeros(loaded.rgb.shape[:2], bool)) for n, m in loaded.targets.items()}
     records = trajectory.to_records(case.id, str(case.image), tool.name, modality=case.modality, slice=case.slice,
-                                    ground_truth=truth)
+                                    ground_truth=truth, source=source)
     if trajectory.stop_reason == "policy_error":
         raise PolicyError(trajectory.error or "the policy backend failed")
     pairs = [(trajectory.masks[n], truth[n]) for n in names]
     steps = len({s.index for s in trajectory.steps})
     targets = []
-    for name, record, (p, g) in zip(names, records, pairs):
-        click_ious = [float(s.iou) for s in record.steps if s.clicks and s.iou is not None]
+    for index, (name, (p, g)) in enumerate(zip(names, pairs)):
+        click_ious = _click_ious(trajectory, index)
         targets.append(TargetResult(name=name, iou=iou(p, g), dice=dice(p, g), steps=len(click_ious),
                                     stop_reason=trajectory.stop_reason, ious=click_ious, present=bool(g.any())))
     result = CaseResult(id=case.id, modality=case.modality, iou=statistics.fmean(t.iou for t in targets),
                         dice=statistics.fmean(t.dice for t in targets), f1=f1_from_counts(*entity_counts(pairs)),
                         steps=steps, seconds=time.perf_counter() - start, targets=targets)
     return records, result
+
+
+def _click_ious(trajectory: AgentTrajectory, index: int) -> list[float]:
+    """IoU after each click on target ``index`` (from the environment's scores), one entry per click."""
+    name = trajectory.targets[index]
+    out: list[float] = []
+    for step in trajectory.steps:
+        n = sum(1 for c in step.clicks if c.target == name)
+        if n and step.scores is not None:
+            out += [float(step.scores[index].iou_after)] * n
+    return out
 
 
 def run_policy(

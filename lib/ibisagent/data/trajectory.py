@@ -51,7 +51,9 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
 
 @dataclass
 class ClickRecord:
-    """A click in both coordinate systems: relative ``x``, ``y`` in [0, 1] and pixel ``px``, ``py`` (x = column)."""
+    """A click in both coordinate systems: relative ``x``, ``y`` in [0, 1] and pixel ``px``, ``py`` (x = column);
+    ``in_error_region``: whether it fell where it should (positive in the missed part, negative in the over-included
+    part of the mask before its step; :attr:`ibisagent.env.ClickResult.in_error_region`), ``None`` when unknown."""
 
     x: float
     y: float
@@ -59,11 +61,15 @@ class ClickRecord:
     py: int
     positive: bool
     target: str | None = None
+    in_error_region: bool | None = None
 
 
 @dataclass
 class StepRecord:
-    """One step: the clicks it added, the action text, the tool's mask after it and its IoU (``None`` if unknown)."""
+    """One step: the clicks it added, the action text, the tool's mask after it and its IoU (``None`` if unknown),
+    the IoU before it (``iou_before``), the reasoning (``think``), the model's full turn (``raw``, exactly the text
+    the environment was stepped with) and, for malformed turns, the ``error``; ``attempt`` > 0 marks repair retries
+    of the same step."""
 
     clicks: list[ClickRecord]
     mask: dict[str, Any]
@@ -72,6 +78,9 @@ class StepRecord:
     think: str = ""
     raw: str = ""
     seconds: float = 0.0
+    iou_before: float | None = None
+    attempt: int = 0
+    error: str | None = None
 
 
 @dataclass

@@ -12,6 +12,11 @@ the policy grid) and writes, through :func:`ibisagent.protocol.format_response` 
   ``iou_stop`` or has no error left that a click could fix.
 
 Clicks already written in earlier assistant turns of the conversation (history mode ``full``) are not repeated.
+
+The oracle is the simulated expert of the training data: ``ibisagent simulate``, radiologist corrections and the SFT
+builder run it through the environment (:mod:`ibisagent.env`) like any other policy, so its recorded turns are
+exactly the turns a trained policy is expected to write. Its texts mention only what the overlay shows (no IoU or
+other number computed from the hidden ground truth).
 """
 
 from __future__ import annotations
@@ -21,8 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ibisagent.observation import resize_mask
-from ibisagent.clicks import Click, ErrorRule, SimulatedStep, next_click
-from ibisagent.data.trajectory import ClickRecord, StepRecord, rle_encode
+from ibisagent.clicks import Click, ErrorRule, next_click
 from ibisagent.metrics import iou
 from ibisagent.policies.base import (
     Conversation,
@@ -33,7 +37,7 @@ from ibisagent.policies.base import (
     PolicyError,
     PolicyRequest,
 )
-from ibisagent.protocol import Action, ProtocolError, Response, format_action, format_response, parse_response
+from ibisagent.protocol import Action, ProtocolError, Response, format_response, parse_response
 
 #: Default IoU at which the oracle terminates (the NoC@90 protocol).
 DEFAULT_ORACLE_IOU_STOP = 0.9
@@ -43,32 +47,6 @@ ABSENT_ANSWER = "not present"
 
 #: Below this IoU the oracle's reasoning calls the mask rough rather than close.
 COARSE_IOU = 0.7
-
-
-def oracle_step_records(
-    steps: Sequence[SimulatedStep], width: int, height: int, start_iou: float, target: str | None = None
-) -> list[StepRecord]:
-    """Trajectory steps for simulated clicks (:func:`ibisagent.clicks.simulate`), narrated as the oracle would:
-    relative and pixel coordinates, the action line, the ``<think>`` sentence, the full turn text, the mask (RLE)
-    and the IoU after each click. ``target`` adds the `` [target]`` suffix (multi-target requests)."""
-    records: list[StepRecord] = []
-    before = start_iou
-    for step in steps:
-        action = Action.from_click(step.click, width, height, target=target)
-        response = oracle_step_text(action, before)
-        records.append(StepRecord(
-            clicks=[ClickRecord(x=action.x, y=action.y, px=step.click.x, py=step.click.y,  # type: ignore[arg-type]
-                                positive=step.click.positive, target=target)],
-            mask=rle_encode(step.mask), iou=round(step.iou, 6), action=format_action(action),
-            think=response.think, raw=format_response(response), seconds=round(step.seconds, 6),
-        ))
-        before = step.iou
-    return records
-
-
-def oracle_step_text(action: Action, before_iou: float) -> Response:
-    """A geometric reasoning sentence for a simulated click (the oracle's ``<think>``), in the action grammar."""
-    return Response(think=click_sentence(action, before_iou), actions=(action,))
 
 
 def click_sentence(action: Action, before_iou: float, target: str | None = None) -> str:
@@ -162,8 +140,7 @@ class OraclePolicy(Policy):
         sentences, parts = [], []
         for name in obs.targets:
             if truths[name].any():
-                sentences.append(f"The mask now follows the {name} closely "
-                                 f"(IoU {iou(obs.masks[name], truths[name]):.2f}), so it is finished.")
+                sentences.append(f"The mask now follows the {name} closely, so it is finished.")
                 parts.append(name)
             else:
                 sentences.append(f"I find no {name} anywhere in the image, so its mask stays empty.")
