@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="simulate and evaluate the sample manifest on the embedded tool")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")
     p.add_argument("--manifest", type=Path, default=SAMPLE_MANIFEST)
+    p.add_argument("--policy", default="bundled",
+                   help="policy run beside the oracle (default: the bundled policy; 'none' skips it)")
+    p.add_argument("--agent-steps", type=int, default=6, help="agent turns per case for --policy (default: 6)")
     _add_loop_options(p)
     _add_train_parser(sub)
     return parser
@@ -201,11 +204,18 @@ def _prompts(args: argparse.Namespace):  # noqa: ANN202 - Prompts | None
 def _load_policy(spec: str | None, device: str):  # noqa: ANN202 - Policy
     from ibisagent.policies import load_policy
 
-    if spec is None:
-        log.warning("no --policy given: using the offline tiny Qwen2.5-VL, which is UNTRAINED (it wires the loop, it "
-                    "does not segment); pass hf:PATH / openai:URL#MODEL / vllm:PATH for a real checkpoint")
+    from ibisagent.policies import has_bundled_policy
+
+    if spec is None and has_bundled_policy():
+        log.warning("no --policy given: using the bundled policy, a 1.7 M-parameter model trained on the sample data "
+                    "on a CPU (docs/TRAINING.md has its measured figures); pass hf:PATH / openai:URL#MODEL / "
+                    "vllm:PATH for a real checkpoint")
+        spec = "bundled"
+    elif spec is None:
+        log.warning("no --policy given and no bundled policy installed: using the offline tiny Qwen2.5-VL, which is "
+                    "UNTRAINED (it wires the loop, it does not segment)")
         spec = "tiny"
-    return load_policy(spec, device=None if device == "cpu" and spec == "tiny" else device)
+    return load_policy(spec, device=None if device == "cpu" and spec in ("tiny", "bundled") else device)
 
 
 def _output_paths(out: Path, targets: Sequence[str]) -> dict[str, Path]:
@@ -318,6 +328,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cmd_render(args_render)
     print(format_table(summary))
     print(f"\nresults → {out / 'results.json'}, {out / 'results.md'}; picture → {out / 'trajectory.png'}")
+    failed = _report_errors(results)
+    from ibisagent.policies import has_bundled_policy
+
+    if args.policy != "none" and (args.policy != "bundled" or has_bundled_policy()):
+        failed = max(failed, _demo_agent(args, out / "agent"))
+    return failed
+
+
+def _demo_agent(args: argparse.Namespace, out: Path) -> int:
+    """The agent itself (``--policy``) on the demo manifest: results, trajectories and a trajectory picture."""
+    from ibisagent.agent import AgentConfig
+    from ibisagent.data.trajectory import write_trajectories
+    from ibisagent.evaluate import format_table, run_policy, write_results
+    from ibisagent.policies.base import GenerationOptions
+
+    policy = _load_policy(args.policy, args.device)
+    config = AgentConfig(max_steps=args.agent_steps, options=GenerationOptions(max_new_tokens=160))
+    records, results = run_policy(args.manifest, policy, _load_tool(args.tool, args.device), config,
+                                  progress=not args.no_progress)
+    summary = write_results(out, results, _meta(args, args.policy), args.max_steps)
+    write_trajectories(out / "trajectories.jsonl", records)
+    longest = max(records, key=lambda r: len(r.steps), default=None)
+    if longest is not None:
+        cmd_render(argparse.Namespace(trajectory=out / "trajectories.jsonl", out=out / "trajectory.png",
+                                      case=longest.id, target=longest.target))
+    print(f"\nthe agent ({args.policy}) on the same cases:")
+    print(format_table(summary))
+    shares = {k: summary.get(k) for k in ("format_valid", "first_click_inside", "absent_not_present")}
+    print("policy metrics: " + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in shares.items()))
+    print(f"agent results → {out / 'results.json'}; picture → {out / 'trajectory.png'}")
     return _report_errors(results)
 
 

@@ -140,6 +140,7 @@ class SegmentationToolEnv:
         self.env: Any = None
         self.first_step = 0
         self.applied = 0
+        self.calls = 0
         self.row: dict[str, Any] = {}
         self.vqa_text: str | None = None
 
@@ -148,6 +149,7 @@ class SegmentationToolEnv:
         mode). The prompt and its images come from the row itself (built from the same environment)."""
         self.row = row
         self.applied = 0
+        self.calls = 0
         self.vqa_text = None
         self.env = make_env(row["manifest"], row["case_id"], self.settings)
         if self.env is None:
@@ -168,6 +170,7 @@ class SegmentationToolEnv:
             The next observation: the overlay image of the current masks and the refinement prompt.
         """
         self.applied += 1
+        self.calls += 1
         if self.env is None or self.env.done:
             return "The episode has ended."
         result = self.env.step(turn)

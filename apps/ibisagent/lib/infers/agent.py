@@ -120,7 +120,7 @@ class IbisAgentInfer(InferTask):
                 "total": round(time.perf_counter() - start, 4),
             },
         }
-        if opts.policy == "tiny":
+        if self.runtime.policy_spec() == "tiny":
             result["warning"] = "policy 'tiny' is untrained: the mask shows the wiring, not a diagnosis"
         image_id = request.get("ibisagent_image_id")
         if self.outputs is not None and image_id:
