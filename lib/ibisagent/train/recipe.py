@@ -246,6 +246,7 @@ def run_recipe(
     # 4. SFT
     t0 = time.monotonic()
     sft_config = SFTRunConfig(model=str(base), lora=LoraSettings(enabled=False), learning_rate=2e-3, epochs=1000,
+                              batch_size=4,
                               max_seconds=sft_seconds, save_steps=100, max_length=4096, seed=seed)
     sft_policy = out / "sft" / "policy"
     if not (sft_policy / "config.json").is_file():
