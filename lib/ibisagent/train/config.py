@@ -82,7 +82,6 @@ class GRPORunConfig(TrainCommon):
         default=1024, metadata={"help": "tokens after the prompt, observation images included"}
     )
     max_turns: int = field(default=6, metadata={"help": "most executed actions per rollout (rollout mode)"})
-    max_new_tokens_per_turn: int | None = field(default=None, metadata={"help": "unused by trl 1.16; reserved"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     beta: float = field(default=0.0, metadata={"help": "KL weight (the paper: 0)"})
     tool: str = field(default="embedded", metadata={"help": "segmenter spec for the environment"})

@@ -173,12 +173,9 @@ def grpo_args(config: GRPORunConfig, out: Path) -> Any:
 def make_trainer(config: GRPORunConfig, rows: list[dict[str, Any]], out: Path, model_path: Path,
                  processor: Any) -> Any:
     """The ``GRPOTrainer`` over ``rows`` (not yet trained)."""
-    import os as _os
-
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    _os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     settings = env_settings(config, processor)
     model = load_model(model_path, config)
     return GRPOTrainer(
