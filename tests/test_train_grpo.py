@@ -75,9 +75,10 @@ def test_rollout_observation_images_reach_the_forward_pass(taught):
     from ibisagent.train.grpo import build_rows, env_settings, make_trainer
 
     root, manifest, prompts, sft_policy = taught
+    # a low temperature makes the taught model replay its turns, so the rollouts take actions
     config = GRPORunConfig(model=str(sft_policy), mode="rollout", lora=LoraSettings(enabled=False), max_steps=1,
-                           num_generations=4, max_turns=3, max_completion_length=300, prompts=prompts,
-                           save_steps=1000)
+                           num_generations=4, max_turns=3, max_completion_length=600, prompts=prompts,
+                           temperature=0.2, save_steps=1000)
     processor = load_processor(sft_policy, config)
     rows = [r for r in build_rows(manifest, "rollout", env_settings(config, processor), progress=False)
             if r["case_id"] != "absent"]
