@@ -79,3 +79,14 @@ def test_shares_over_cases():
     assert metrics["absent_not_present"] == 1.0
     assert metrics["reward_format"] == pytest.approx((1 + 0.5 + 1) / 3)
     assert policy_metrics([CaseResult(id="o", iou=1.0)]) == {}
+
+
+def test_results_md_has_the_policy_table(tmp_path):
+    from ibisagent.evaluate import write_results
+
+    good = policy_turn_counts(_run([INSIDE, STOP]).trajectory())
+    rows = [CaseResult(id="a", modality="MR", iou=0.5, dice=0.5, f1=1.0, steps=2, turns=good)]
+    summary = write_results(tmp_path, rows, {"manifest": "m", "policy": "p", "tool": "embedded"})
+    text = (tmp_path / "results.md").read_text()
+    assert "| modality | format_valid |" in text and "| **all** | 1.00 | 1.00 |" in text
+    assert summary["per_modality"]["MR"]["format_valid"] == 1.0

@@ -246,6 +246,21 @@ def policy_metrics(rows: Sequence[CaseResult]) -> dict[str, Any]:
     return out
 
 
+def format_policy_table(summary: dict[str, Any]) -> str:
+    """A Markdown table of the policy metrics (:func:`policy_metrics`), one row per modality and an overall row."""
+    keys = ("format_valid", "first_click_inside", "absent_not_present", "reward_format", "reward_answer",
+            "reward_click", "reward_progress", "reward_length")
+    lines = ["| modality | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+
+    def cells(s: dict[str, Any]) -> str:
+        return " | ".join("–" if s.get(k) is None else f"{s[k]:.2f}" for k in keys)
+
+    for modality, s in summary.get("per_modality", {}).items():
+        lines.append(f"| {modality} | {cells(s)} |")
+    lines.append(f"| **all** | {cells(summary)} |")
+    return "\n".join(lines)
+
+
 def aggregate(results: Sequence[CaseResult], budget: int = DEFAULT_MAX_CLICKS) -> dict[str, Any]:
     """Overall and per-modality summaries: samples, errors, mean/median IoU and Dice, mean F1, steps, NoC."""
     overall = _summary(results, budget)
@@ -283,8 +298,10 @@ def write_results(out_dir: str | os.PathLike[str], results: Sequence[CaseResult]
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2) + "\n")
     lines = [f"# Evaluation: {meta.get('manifest', '')}", "",
              f"policy `{meta.get('policy')}`, tool `{meta.get('tool')}`, stop at IoU ≥ {meta.get('iou_stop')} "
-             f"or {meta.get('max_steps')} clicks", "", format_table(summary), "",
-             "| case | modality | IoU | Dice | F1 | steps | seconds | error |", "|---|---|---|---|---|---|---|---|"]
+             f"or {meta.get('max_steps')} clicks", "", format_table(summary), ""]
+    if "format_valid" in summary:
+        lines += [format_policy_table(summary), ""]
+    lines += ["| case | modality | IoU | Dice | F1 | steps | seconds | error |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.skipped is not None:
             lines.append(f"| {r.id} | {r.modality} | – | – | – | – | – | skipped: {r.skipped} |")
