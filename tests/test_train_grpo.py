@@ -25,7 +25,7 @@ def taught(tmp_path_factory):
     prompts = short_prompts(root)
     data = oracle_sft_dataset(manifest, root / "sft_data", EnvSettings(max_steps=6, prompts=prompts), repeat=4)
     config = SFTRunConfig(model=str(ensure_tiny_model(root / "cache")), lora=LoraSettings(enabled=False),
-                          learning_rate=1e-2, max_steps=200, save_steps=1000)
+                          learning_rate=1e-2, max_steps=300, save_steps=1000)
     result = run_sft(config, data, root / "sft")
     return root, manifest, prompts, result.policy
 
