@@ -221,8 +221,8 @@ def test_four_concurrent_infers_all_succeed(server: Server, tmp_path: Path) -> N
     assert all(r["stop_reason"] for r in results)
 
 
-def test_training_fails_clearly_instead_of_faking_success(server: Server) -> None:
-    r = requests.post(f"{server.url}/train/ibisagent_sft", params={"run_sync": True}, json={}, timeout=60)
+def test_training_without_data_fails_clearly_instead_of_faking_success(server: Server) -> None:
+    r = requests.post(f"{server.url}/train/ibisagent_grpo", params={"run_sync": True}, json={}, timeout=120)
     assert r.status_code >= 400
     time.sleep(0.5)
-    assert "not implemented" in server.log_tail(200) + r.text
+    assert "needs a manifest" in server.log_tail(200) + r.text

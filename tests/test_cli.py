@@ -171,3 +171,9 @@ def test_demo_console_script_on_the_sample_data(tmp_path: Path) -> None:
     assert results["aggregate"]["samples"] == sum(1 for line in SAMPLE_MANIFEST.read_text().splitlines() if line)
     assert (tmp_path / "demo" / "trajectory.png").stat().st_size > 0
     assert "| **all** |" in proc.stdout
+    # the agent itself (the bundled policy) on the same cases, beside the oracle: every case runs without an error
+    agent = json.loads((tmp_path / "demo" / "agent" / "results.json").read_text())
+    assert agent["meta"]["policy"] == "bundled" and agent["aggregate"]["errors"] == 0
+    assert agent["aggregate"]["samples"] == results["aggregate"]["samples"]
+    assert 0.0 <= agent["aggregate"]["format_valid"] <= 1.0
+    assert (tmp_path / "demo" / "agent" / "trajectory.png").stat().st_size > 0

@@ -107,9 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="simulate and evaluate the sample manifest on the embedded tool")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")
     p.add_argument("--manifest", type=Path, default=SAMPLE_MANIFEST)
+    p.add_argument("--policy", default="bundled",
+                   help="policy run beside the oracle (default: the bundled policy; 'none' skips it)")
+    p.add_argument("--agent-steps", type=int, default=6, help="agent turns per case for --policy (default: 6)")
     _add_loop_options(p)
     _add_build_sft_parser(sub)
     _add_build_rl_parser(sub)
+    _add_train_parser(sub)
     return parser
 
 
@@ -164,6 +168,33 @@ def _add_build_rl_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rule", choices=("peak", "area"), default="peak", help="expert click rule")
     p.add_argument("--verl", action="store_true", help="also write OUT/verl/step.parquet (verl row layout)")
     _add_build_options(p)
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="training: sft, grpo, or the one-command tiny recipe")
+    stages = p.add_subparsers(dest="stage", required=True)
+    for name, help_text in (("sft", "cold-start SFT on an SFT dataset (ibisagent build-sft)"),
+                            ("grpo", "agentic GRPO (step or rollout mode) on a manifest")):
+        s = stages.add_parser(name, help=help_text)
+        s.add_argument("--config", type=Path, help="YAML run config (training/configs/); unknown keys are an error")
+        s.add_argument("--out", type=Path, required=True, help="run folder: policy/, checkpoints/, logs")
+        s.add_argument("--model", help="model directory or 'tiny' (overrides the config)")
+        s.add_argument("--max-steps", type=int, help="optimizer steps (overrides the config)")
+        s.add_argument("--minutes", type=float, help="stop training after this many minutes")
+        s.add_argument("--no-resume", action="store_true", help="start over instead of resuming the last checkpoint")
+        if name == "sft":
+            s.add_argument("--data", type=Path, required=True, help="SFT dataset folder (datasets.save_to_disk)")
+        else:
+            s.add_argument("--manifest", type=Path, required=True, help="image–mask manifest (JSONL)")
+            s.add_argument("--mode", choices=("step", "rollout"), help="GRPO mode (overrides the config)")
+    s = stages.add_parser("tiny", help="manifest → trajectories → SFT data → SFT → GRPO rollout → report, on a CPU")
+    s.add_argument("manifest", type=Path, help="image–mask manifest (JSONL); a part is held out by image")
+    s.add_argument("--out", type=Path, required=True, help="run folder (DIR/policy, DIR/report.json, curves)")
+    s.add_argument("--minutes", type=float, default=45.0, help="time budget shared by all stages (default: 45)")
+    s.add_argument("--extra", type=Path, action="append", default=[],
+                   help="more training manifests (never held out; repeatable)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _load_tool(spec: str, device: str):  # noqa: ANN202 - SegmentationTool, imported lazily
@@ -245,11 +276,18 @@ def _prompts(args: argparse.Namespace):  # noqa: ANN202 - Prompts | None
 def _load_policy(spec: str | None, device: str):  # noqa: ANN202 - Policy
     from ibisagent.policies import load_policy
 
-    if spec is None:
-        log.warning("no --policy given: using the offline tiny Qwen2.5-VL, which is UNTRAINED (it wires the loop, it "
-                    "does not segment); pass hf:PATH / openai:URL#MODEL / vllm:PATH for a real checkpoint")
+    from ibisagent.policies import has_bundled_policy
+
+    if spec is None and has_bundled_policy():
+        log.warning("no --policy given: using the bundled policy, a 1.7 M-parameter model trained on the sample data "
+                    "on a CPU (docs/TRAINING.md has its measured figures); pass hf:PATH / openai:URL#MODEL / "
+                    "vllm:PATH for a real checkpoint")
+        spec = "bundled"
+    elif spec is None:
+        log.warning("no --policy given and no bundled policy installed: using the offline tiny Qwen2.5-VL, which is "
+                    "UNTRAINED (it wires the loop, it does not segment)")
         spec = "tiny"
-    return load_policy(spec, device=None if device == "cpu" and spec == "tiny" else device)
+    return load_policy(spec, device=None if device == "cpu" and spec in ("tiny", "bundled") else device)
 
 
 def _output_paths(out: Path, targets: Sequence[str]) -> dict[str, Path]:
@@ -404,6 +442,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cmd_render(args_render)
     print(format_table(summary))
     print(f"\nresults → {out / 'results.json'}, {out / 'results.md'}; picture → {out / 'trajectory.png'}")
+    failed = _report_errors(results)
+    from ibisagent.policies import has_bundled_policy
+
+    if args.policy != "none" and (args.policy != "bundled" or has_bundled_policy()):
+        failed = max(failed, _demo_agent(args, out / "agent"))
+    return failed
+
+
+def _demo_agent(args: argparse.Namespace, out: Path) -> int:
+    """The agent itself (``--policy``) on the demo manifest: results, trajectories and a trajectory picture."""
+    from ibisagent.agent import AgentConfig
+    from ibisagent.data.trajectory import write_trajectories
+    from ibisagent.evaluate import format_table, run_policy, write_results
+    from ibisagent.policies.base import GenerationOptions
+
+    policy = _load_policy(args.policy, args.device)
+    config = AgentConfig(max_steps=args.agent_steps, options=GenerationOptions(max_new_tokens=160))
+    records, results = run_policy(args.manifest, policy, _load_tool(args.tool, args.device), config,
+                                  progress=not args.no_progress)
+    summary = write_results(out, results, _meta(args, args.policy), args.max_steps)
+    write_trajectories(out / "trajectories.jsonl", records)
+    longest = max(records, key=lambda r: len(r.steps), default=None)
+    if longest is not None:
+        cmd_render(argparse.Namespace(trajectory=out / "trajectories.jsonl", out=out / "trajectory.png",
+                                      case=longest.id, target=longest.target))
+    print(f"\nthe agent ({args.policy}) on the same cases:")
+    print(format_table(summary))
+    shares = {k: summary.get(k) for k in ("format_valid", "first_click_inside", "absent_not_present")}
+    print("policy metrics: " + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in shares.items()))
+    print(f"agent results → {out / 'results.json'}; picture → {out / 'trajectory.png'}")
     return _report_errors(results)
 
 
@@ -468,8 +536,38 @@ def cmd_build_rl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """``train sft|grpo|tiny``: the training entry points (also what the MONAI Label train tasks run)."""
+    if args.stage == "tiny":
+        from ibisagent.train.recipe import run_recipe
+
+        report = run_recipe(args.manifest, args.out, minutes=args.minutes, extra=args.extra, seed=args.seed,
+                            progress=not args.no_progress)
+        print(f"policy: {report['policy']}  (report: {args.out / 'report.json'})")
+        return 0
+    from ibisagent.train.config import GRPORunConfig, SFTRunConfig, load_config
+
+    overrides: dict[str, object] = {"model": args.model, "max_steps": args.max_steps,
+                                    "max_seconds": args.minutes * 60 if args.minutes is not None else None}
+    if args.stage == "sft":
+        from ibisagent.train.sft import run_sft
+
+        result = run_sft(load_config(SFTRunConfig, args.config, overrides), args.data, args.out,
+                         resume=not args.no_resume)
+        print(f"policy: {result.policy}  ({result.rows} rows trained, {len(result.skipped)} skipped)")
+        return 0
+    from ibisagent.train.grpo import run_grpo
+
+    overrides["mode"] = args.mode
+    policy, _ = run_grpo(load_config(GRPORunConfig, args.config, overrides), args.manifest, args.out,
+                         resume=not args.no_resume)
+    print(f"policy: {policy}")
+    return 0
+
+
 COMMANDS = {"simulate": cmd_simulate, "eval": cmd_eval, "segment": cmd_segment, "render": cmd_render,
-            "bench": cmd_bench, "demo": cmd_demo, "build-sft": cmd_build_sft, "build-rl": cmd_build_rl}
+            "bench": cmd_bench, "demo": cmd_demo, "build-sft": cmd_build_sft, "build-rl": cmd_build_rl,
+            "train": cmd_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

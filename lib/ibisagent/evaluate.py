@@ -69,6 +69,7 @@ class CaseResult:
     targets: list[TargetResult] = field(default_factory=list)
     error: str | None = None
     skipped: str | None = None
+    turns: dict[str, Any] | None = None  # policy runs: counts behind the policy metrics (policy_turn_counts)
 
     @property
     def scored(self) -> bool:
@@ -94,6 +95,8 @@ class CaseResult:
             data["error"] = self.error
         if self.skipped is not None:
             data["skipped"] = self.skipped
+        if self.turns is not None:
+            data["turns"] = self.turns
         return data
 
 
@@ -196,7 +199,66 @@ def _summary(rows: Sequence[CaseResult], budget: int) -> dict[str, Any]:
     }
     for thr in NOC_THRESHOLDS:
         out[f"noc@{round(thr * 100)}"] = statistics.fmean(_noc(r, thr, budget) for r in ok)
+    out.update(policy_metrics(ok))
     return out
+
+
+def policy_turn_counts(trajectory: AgentTrajectory) -> dict[str, Any]:
+    """What the policy metrics count in one trajectory (its steps need ground-truth scores): turns and strictly
+    formatted turns; present targets and those whose first click fell inside the target; absent targets and those
+    answered not present (declared absent, final mask empty); the five rewards (:mod:`ibisagent.rewards`)."""
+    from ibisagent.rewards import episode_from_steps, score_episode
+
+    present, absent = [], []
+    for step in trajectory.steps[:1] or ():
+        present = [s.name for s in step.scores or () if s.present]
+        absent = [s.name for s in step.scores or () if not s.present]
+    first_inside = 0
+    for name in present:
+        first = next((c for step in trajectory.steps for c in step.clicks if c.target == name), None)
+        first_inside += bool(first is not None and first.action.kind == "positive" and first.in_error_region)
+    declared = frozenset().union(*(step.absent for step in trajectory.steps)) if trajectory.steps else frozenset()
+    answered = sum(1 for n in absent if n in declared and not trajectory.masks[n].any())
+    episode = episode_from_steps(trajectory.steps, trajectory.masks, answer=trajectory.answer,
+                                 stop_reason=trajectory.stop_reason)
+    return {"turns": len(trajectory.steps), "valid_turns": sum(1 for s in trajectory.steps if s.strict_format),
+            "present": len(present), "first_inside": first_inside, "absent": len(absent),
+            "answered_absent": answered, "rewards": score_episode(episode)}
+
+
+def policy_metrics(rows: Sequence[CaseResult]) -> dict[str, Any]:
+    """Shares over policy runs: ``format_valid`` (turns in the strict format), ``first_click_inside`` (present
+    targets whose first click was a positive click inside the target), ``absent_not_present`` (absent targets answered
+    not present with an empty mask) and ``reward_<name>`` (mean of each reward over cases). Empty for oracle runs."""
+    counts = [r.turns for r in rows if r.turns]
+    if not counts:
+        return {}
+
+    def share(num: str, den: str) -> float | None:
+        total = sum(c[den] for c in counts)
+        return sum(c[num] for c in counts) / total if total else None
+
+    out: dict[str, Any] = {"format_valid": share("valid_turns", "turns"),
+                           "first_click_inside": share("first_inside", "present"),
+                           "absent_not_present": share("answered_absent", "absent")}
+    for name in counts[0]["rewards"]:
+        out[f"reward_{name}"] = statistics.fmean(c["rewards"][name] for c in counts)
+    return out
+
+
+def format_policy_table(summary: dict[str, Any]) -> str:
+    """A Markdown table of the policy metrics (:func:`policy_metrics`), one row per modality and an overall row."""
+    keys = ("format_valid", "first_click_inside", "absent_not_present", "reward_format", "reward_answer",
+            "reward_click", "reward_progress", "reward_length")
+    lines = ["| modality | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+
+    def cells(s: dict[str, Any]) -> str:
+        return " | ".join("–" if s.get(k) is None else f"{s[k]:.2f}" for k in keys)
+
+    for modality, s in summary.get("per_modality", {}).items():
+        lines.append(f"| {modality} | {cells(s)} |")
+    lines.append(f"| **all** | {cells(summary)} |")
+    return "\n".join(lines)
 
 
 def aggregate(results: Sequence[CaseResult], budget: int = DEFAULT_MAX_CLICKS) -> dict[str, Any]:
@@ -245,8 +307,10 @@ def write_results(out_dir: str | os.PathLike[str], results: Sequence[CaseResult]
     payload = {"meta": meta, "aggregate": summary, "cases": [r.to_dict() for r in results]}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2) + "\n")
     lines = [f"# Evaluation: {meta.get('manifest', '')}", "",
-             _settings_line(meta), "", format_table(summary), "",
-             "| case | modality | IoU | Dice | F1 | steps | seconds | error |", "|---|---|---|---|---|---|---|---|"]
+             _settings_line(meta), "", format_table(summary), ""]
+    if "format_valid" in summary:
+        lines += [format_policy_table(summary), ""]
+    lines += ["| case | modality | IoU | Dice | F1 | steps | seconds | error |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.skipped is not None:
             lines.append(f"| {r.id} | {r.modality} | – | – | – | – | – | skipped: {r.skipped} |")
@@ -306,7 +370,8 @@ def policy_case(
                                     stop_reason=trajectory.stop_reason, ious=click_ious, present=bool(g.any())))
     result = CaseResult(id=case.id, modality=case.modality, iou=statistics.fmean(t.iou for t in targets),
                         dice=statistics.fmean(t.dice for t in targets), f1=f1_from_counts(*entity_counts(pairs)),
-                        steps=steps, seconds=time.perf_counter() - start, targets=targets)
+                        steps=steps, seconds=time.perf_counter() - start, targets=targets,
+                        turns=policy_turn_counts(trajectory) if source == "policy" else None)
     return records, result
 
 

@@ -7,6 +7,7 @@ Policy specs (DESIGN §4):
 ``hf:PATH``            a local Hugging Face model directory (Qwen2.5-VL family), in-process transformers
 ``openai:URL#MODEL``   any OpenAI-compatible chat endpoint (``vllm serve``, ``transformers serve``)
 ``vllm:PATH``          in-process vLLM engine (``pip install -e '.[gpu]'``)
+``bundled``            the small policy this project trained with its own recipe and ships (the default)
 ``tiny``               the offline tiny Qwen2.5-VL (untrained: for wiring and latency, not for answers)
 =====================  ==============================================================================
 """
@@ -34,6 +35,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "PolicyRequest",
+    "bundled_policy_dir",
     "default_cache_dir",
     "load_policy",
 ]
@@ -42,6 +44,16 @@ __all__ = [
 def default_cache_dir() -> Path:
     """Where built artefacts (the tiny model) are kept: ``$IBISAGENT_CACHE`` or ``~/.cache/ibisagent``."""
     return Path(os.environ.get("IBISAGENT_CACHE", Path.home() / ".cache" / "ibisagent"))
+
+
+def bundled_policy_dir() -> Path:
+    """Where the bundled policy lives (``ibisagent/policies/bundled``); see docs/TRAINING.md for how it was made."""
+    return Path(__file__).resolve().parent / "bundled"
+
+
+def has_bundled_policy() -> bool:
+    """Whether this installation ships the bundled policy."""
+    return (bundled_policy_dir() / "config.json").is_file()
 
 
 def load_policy(spec: str, device: str | None = None, timeout: float | None = None) -> Policy:
@@ -61,6 +73,13 @@ def load_policy(spec: str, device: str | None = None, timeout: float | None = No
         from ibisagent.policies.vllm import VLLMPolicy
 
         return VLLMPolicy(_local_dir(rest))
+    if spec == "bundled":
+        from ibisagent.policies.hf import HFPolicy
+
+        if not has_bundled_policy():
+            raise ValueError(f"no bundled policy in this installation ({bundled_policy_dir()} is empty); train one "
+                             "with `ibisagent train tiny MANIFEST --out DIR` and pass --policy hf:DIR/policy")
+        return HFPolicy(bundled_policy_dir(), device=device)
     if spec == "tiny":
         from ibisagent.policies.hf import HFPolicy
         from ibisagent.policies.tiny import ensure_tiny_model
@@ -68,7 +87,8 @@ def load_policy(spec: str, device: str | None = None, timeout: float | None = No
         return HFPolicy(ensure_tiny_model(default_cache_dir()), device=device)
     if spec == "oracle":
         raise ValueError("the oracle policy needs ground truth; use `ibisagent eval --policy oracle` on a manifest")
-    raise ValueError(f"unknown policy spec {spec!r}; expected oracle, hf:PATH, openai:URL#MODEL, vllm:PATH or tiny")
+    raise ValueError(f"unknown policy spec {spec!r}; expected oracle, hf:PATH, openai:URL#MODEL, vllm:PATH, "
+                     "bundled or tiny")
 
 
 def _local_dir(value: str) -> Path:

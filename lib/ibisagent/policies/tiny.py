@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 #: Bump when the recipe changes so that caches built by older code are not reused.
@@ -119,8 +120,9 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def _train_tokenizer():
-    """A byte-level BPE trained on the built-in corpus, Qwen-style (digits split), with the Qwen special tokens."""
+def _train_tokenizer(extra_corpus: Sequence[str] = (), vocab_size: int = _VOCAB_SIZE):
+    """A byte-level BPE trained on the built-in corpus (plus ``extra_corpus``), Qwen-style (digits split), with the
+    Qwen special tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -133,22 +135,27 @@ def _train_tokenizer():
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE - len(QWEN_SPECIAL_TOKENS) - len(QWEN_ADDED_TOKENS),
+        vocab_size=vocab_size - len(QWEN_SPECIAL_TOKENS) - len(QWEN_ADDED_TOKENS),
         min_frequency=2,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus() + [line for line in extra_corpus for _ in range(4)], trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED_TOKENS])
     return tok
 
 
-def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0, *, hidden_size: int = 64,
+                          num_layers: int = 2, max_pixels: int = TINY_MAX_PIXELS, corpus: Sequence[str] = (),
+                          vocab_size: int = _VOCAB_SIZE) -> Path:
     """Write a tiny random Qwen2.5-VL model directory (model, tokenizer, processor, chat template) to ``out_dir``.
 
-    Deterministic given ``seed``; a few hundred kB; builds in about a second on CPU. Returns ``out_dir``.
+    Deterministic given ``seed``; a few hundred kB at the defaults; builds in about a second on CPU. ``hidden_size``
+    (a multiple of 16) and ``num_layers`` size the language model (the training recipe uses a larger one),
+    ``max_pixels`` the image budget; ``corpus`` adds text the tokenizer is trained on (the prompt wording, the
+    instructions: fewer tokens per turn) within ``vocab_size``. Returns ``out_dir``.
     """
     import torch
     from transformers import (
@@ -168,7 +175,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0) -> Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    backend = _train_tokenizer()
+    backend = _train_tokenizer(corpus, vocab_size)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=None,
@@ -184,17 +191,19 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0) -> Pat
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     vocab = len(tokenizer)  # exactly the tokenizer: an untrained model must not emit ids the tokenizer lacks
 
-    text_hidden = 64
+    text_hidden = int(hidden_size)
+    if text_hidden % 16:
+        raise ValueError(f"hidden_size must be a multiple of 16, got {hidden_size}")
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": vocab,
             "hidden_size": text_hidden,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            "intermediate_size": 2 * text_hidden,
+            "num_hidden_layers": int(num_layers),
+            "num_attention_heads": text_hidden // 16,  # head dim 16 at every size (mrope_section sums to 8)
+            "num_key_value_heads": max(1, text_hidden // 32),
             "max_position_embeddings": 4096,
-            "max_window_layers": 2,
+            "max_window_layers": int(num_layers),
             "rms_norm_eps": 1e-6,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
             "bos_token_id": ids["<|endoftext|>"],
@@ -235,12 +244,12 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0) -> Pat
     model.save_pretrained(out)
 
     image_processor = Qwen2VLImageProcessor(
-        min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2
+        min_pixels=TINY_MIN_PIXELS, max_pixels=int(max_pixels), patch_size=14, temporal_patch_size=2, merge_size=2
     )
     video_processor = None
     if Qwen2VLVideoProcessor is not None:
         video_processor = Qwen2VLVideoProcessor(
-            min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2
+            min_pixels=TINY_MIN_PIXELS, max_pixels=int(max_pixels), patch_size=14, temporal_patch_size=2, merge_size=2
         )
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor,
@@ -251,7 +260,8 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0) -> Pat
     processor.save_pretrained(out)
     (out / "ibisagent_tiny.json").write_text(
         json.dumps(
-            {"version": TINY_VERSION, "seed": seed, "min_pixels": TINY_MIN_PIXELS, "max_pixels": TINY_MAX_PIXELS}
+            {"version": TINY_VERSION, "seed": seed, "min_pixels": TINY_MIN_PIXELS, "max_pixels": int(max_pixels),
+             "hidden_size": text_hidden, "num_layers": int(num_layers)}
         )
     )
     return out

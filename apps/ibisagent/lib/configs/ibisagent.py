@@ -20,7 +20,7 @@ class IbisAgentConfig(TaskConfig):
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
         self.options = Options.from_conf(conf)
-        self.runtime = Runtime(self.options)
+        self.runtime = Runtime(self.options, model_dir)
         self.data_dir = Path(kwargs["data_dir"])
         self.outputs = AgentOutputStore(self.data_dir / "agent_outputs")
 

@@ -59,6 +59,7 @@ class IbisAgentInfer(InferTask):
 
         start = time.perf_counter()
         opts = self.runtime.options
+        policy_spec = self.runtime.policy_spec()  # a finished train run may have published a new policy
         instruction = request.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
             raise bad_request("missing instruction: send params {\"instruction\": \"Segment the ...\"}")
@@ -99,7 +100,7 @@ class IbisAgentInfer(InferTask):
             raise bad_request(f"agent failed: {type(exc).__name__}: {exc}", 500) from exc
 
         trajectory = per_slice[where.slice]
-        provenance = Provenance(policy=opts.policy, tool=opts.tool, person=bool(where.clicks))
+        provenance = Provenance(policy=policy_spec, tool=opts.tool, person=bool(where.clicks))
         label_file = write_result(mask, image, where.slice, request, [target], provenance)
         key = trajectory_json(trajectory, image, where.slice)
         failed = failures((k if image.is_volume else None, t) for k, t in per_slice.items())
@@ -119,7 +120,7 @@ class IbisAgentInfer(InferTask):
             **display_json(image, where.slice),
             "user_clicks": len(where.clicks),
             "ignored_clicks": list(where.ignored),
-            "policy": opts.policy,
+            "policy": policy_spec,
             "tool": opts.tool,
             "timings": {
                 "load": round(loaded - start, 4),
@@ -130,14 +131,14 @@ class IbisAgentInfer(InferTask):
         }
         if failed:
             logger.warning("ibisagent: the agent failed: %s", "; ".join(failed))
-        if opts.policy == "tiny":
+        if policy_spec == "tiny":
             result["warning"] = "policy 'tiny' is untrained: the mask shows the wiring, not a diagnosis"
         image_id = request.get("ibisagent_image_id")
         if self.outputs is not None and image_id:
             for k, t in per_slice.items():
                 if t.masks[target].any() or k == where.slice:
                     self.outputs.put(image_id, k, {
-                        "instruction": instruction, "targets": [target], "tool": opts.tool, "policy": opts.policy,
+                        "instruction": instruction, "targets": [target], "tool": opts.tool, "policy": policy_spec,
                         "modality": image.modality, "answer": t.answer, "stop_reason": t.stop_reason,
                         "user_clicks": len(where.clicks) if k == where.slice else 0,
                     }, {target: t.masks[target]})

@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 class Options:
     """The app's ``--conf`` options and their defaults (the one place they are defined; all listed in ``/info``)."""
 
-    policy: str = "tiny"
-    """Policy spec: ``hf:PATH``, ``openai:URL#MODEL``, ``vllm:PATH`` or ``tiny`` (offline, untrained)."""
+    policy: str = "bundled"
+    """Policy spec: ``bundled`` (the small policy the project trained and ships), ``hf:PATH``, ``openai:URL#MODEL``,
+    ``vllm:PATH`` or ``tiny`` (offline, untrained). A policy published by a finished train task replaces it."""
     tool: str = "embedded"
     """Tool spec: ``embedded``, ``sam2:CONFIG@CKPT``, ``medsam2:CKPT``, ``sam:TYPE@CKPT``, ``medsam:CKPT``."""
     device: str = "cpu"
@@ -56,6 +57,12 @@ class Options:
     modalities: str = "CT,MR"
     """DICOMweb studies: the modalities whose series the app lists, comma-separated (MONAI Label's own default lists
     only CT)."""
+    train_minutes: int = 0
+    """Time budget of a train request in minutes (0 = the run config's own)."""
+    train_trajectories: str = ""
+    """Extra trajectory JSONL files (comma-separated) for ``ibisagent_sft`` beside the corrections."""
+    train_manifest: str = ""
+    """Manifest(s) with ground truth (comma-separated) for ``ibisagent_grpo``."""
     threads: int = 0
     """CPU threads for torch in this server process (0 = torch's default). On a shared or small CPU host set 1 per
     worker: oversubscribed threads made one infer swing from 0.9 s to 29 s in our measurements."""
@@ -108,11 +115,26 @@ class Options:
 class Runtime:
     """The tool and the policy, built on first use (never at import or app start), once, thread-safely."""
 
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, model_dir: str | os.PathLike[str] | None = None) -> None:
         self.options = options
+        self.model_dir = Path(model_dir) if model_dir is not None else None
         self._lock = threading.Lock()
         self._tool: Any = None
         self._policy: Any = None
+        self._policy_spec: str | None = None
+
+    def policy_spec(self) -> str:
+        """The policy to use now: the newest one a train task published, else ``--conf policy`` (``bundled`` falls
+        back to ``tiny`` in an installation without it)."""
+        from ibisagent.policies import has_bundled_policy
+        from ibisagent.train.service import latest_policy
+
+        trained = latest_policy(self.model_dir) if self.model_dir is not None else None
+        if trained is not None:
+            return f"hf:{trained}"
+        if self.options.policy == "bundled" and not has_bundled_policy():
+            return "tiny"
+        return self.options.policy
 
     def tool(self) -> Any:
         if self._tool is None:
@@ -126,18 +148,21 @@ class Runtime:
         return self._tool
 
     def policy(self) -> Any:
-        if self._policy is None:
+        spec = self.policy_spec()
+        if self._policy is None or spec != self._policy_spec:
             with self._lock:
-                if self._policy is None:
+                if self._policy is None or spec != self._policy_spec:
                     from ibisagent.policies import load_policy
 
                     self._set_threads()
-                    if self.options.policy == "tiny":
+                    if spec == "tiny":
                         logger.warning("policy 'tiny' is an UNTRAINED offline model: it shows the wiring, not "
                                        "useful masks; pass --conf policy hf:PATH (or openai:URL#MODEL, vllm:PATH)")
-                    logger.info("building policy %s on %s", self.options.policy, self.options.device)
-                    self._policy = load_policy(self.options.policy, device=self.options.device,
-                                               timeout=self.options.policy_timeout)
+                    logger.info("building policy %s on %s", spec, self.options.device)
+                    device = None if spec in ("tiny", "bundled") and self.options.device == "cpu" else \
+                        self.options.device
+                    self._policy = load_policy(spec, device=device, timeout=self.options.policy_timeout)
+                    self._policy_spec = spec
         return self._policy
 
     def _set_threads(self) -> None:

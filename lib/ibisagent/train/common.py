@@ -1,0 +1,174 @@
+"""What SFT and GRPO share: the model and processor they load, LoRA on the language model, the saved policy, the
+time budget and the progress record the MONAI Label train task shows.
+
+Model loading follows :class:`ibisagent.policies.hf.HFPolicy` (same pixel budget mechanism), so a checkpoint saved
+by :func:`save_policy` loads with ``hf:PATH`` and renders prompts with the training chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ibisagent.train.config import LoraSettings, TrainCommon
+from ibisagent.train.template import apply_templates
+
+logger = logging.getLogger(__name__)
+
+#: Sub-directory of a run's output holding the trainer's checkpoints (the resume points).
+CHECKPOINTS = "checkpoints"
+#: Sub-directory holding the final policy (loadable as ``hf:OUT/policy``).
+POLICY = "policy"
+#: Progress file written during training (epoch, total_epochs, best_metric, total_time, step, max_steps).
+PROGRESS = "progress.json"
+
+
+def resolve_model(spec: str) -> Path:
+    """A model directory from a config's ``model``: ``tiny`` builds/reuses the offline tiny Qwen2.5-VL."""
+    if spec == "tiny":
+        from ibisagent.policies import default_cache_dir
+        from ibisagent.policies.tiny import ensure_tiny_model
+
+        return ensure_tiny_model(default_cache_dir())
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {path} has no config.json (training loads local checkpoints only)")
+    return path
+
+
+def load_processor(path: str | os.PathLike[str], config: TrainCommon) -> Any:
+    """The checkpoint's processor with the config's pixel budget and the project's chat/response templates."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    if config.min_pixels is not None or config.max_pixels is not None:
+        size = processor.image_processor.size
+        budget = {
+            "shortest_edge": int(config.min_pixels if config.min_pixels is not None else size["shortest_edge"]),
+            "longest_edge": int(config.max_pixels if config.max_pixels is not None else size["longest_edge"]),
+        }
+        processor = AutoProcessor.from_pretrained(path, size=budget)
+    return apply_templates(processor)
+
+
+def load_model(path: str | os.PathLike[str], config: TrainCommon) -> Any:
+    """The Qwen2.5-VL model in fp32 (bf16 when ``config.bf16``), vision tower frozen."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    freeze_vision(model)
+    return model
+
+
+def freeze_vision(model: Any) -> None:
+    """Freeze the vision tower and its merger (the paper fine-tunes the language model only)."""
+    for name, param in model.named_parameters():
+        if ".visual." in f".{name}":
+            param.requires_grad_(False)
+
+
+def lora_config(settings: LoraSettings) -> Any:
+    """peft ``LoraConfig`` for the language model's linear layers (``settings.target_modules``, a fullmatch regex)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+
+
+def count_lora_layers(model: Any) -> dict[str, int]:
+    """Modules carrying a LoRA adapter, per tower: ``{"language": n, "vision": n, "other": n}``."""
+    counts = {"language": 0, "vision": 0, "other": 0}
+    for name, module in model.named_modules():
+        if not hasattr(module, "lora_A") or not getattr(module, "lora_A", None):
+            continue
+        if ".visual." in f".{name}":
+            counts["vision"] += 1
+        elif re.search(r"language_model\.layers\.", name):
+            counts["language"] += 1
+        else:
+            counts["other"] += 1
+    return counts
+
+
+def save_policy(model: Any, processor: Any, out_dir: str | os.PathLike[str]) -> Path:
+    """Write a plain Hugging Face model directory (LoRA merged into the weights) with the processor and templates;
+    ``hf:out_dir`` loads it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    apply_templates(processor)
+    processor.save_pretrained(out)
+    return out
+
+
+def last_checkpoint(out_dir: str | os.PathLike[str]) -> str | None:
+    """The newest ``checkpoint-N`` under ``out_dir/checkpoints`` (the resume point), or ``None``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(out_dir) / CHECKPOINTS
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def trainer_callbacks(out_dir: str | os.PathLike[str], max_seconds: float | None, metric: str) -> list[Any]:
+    """A callback that writes :data:`PROGRESS` after every log and stops training past ``max_seconds``."""
+    from transformers import TrainerCallback
+
+    progress_file = Path(out_dir) / PROGRESS
+
+    class Progress(TrainerCallback):
+        def __init__(self) -> None:
+            self.start = time.monotonic()
+            self.best: float | None = None
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kw: Any):
+            value = (logs or {}).get(metric)
+            if isinstance(value, (int, float)):
+                if self.best is None or (value < self.best if metric == "loss" else value > self.best):
+                    self.best = float(value)
+            seconds = int(time.monotonic() - self.start)
+            record = {
+                "epoch": round(float(state.epoch or 0.0), 4),
+                "total_epochs": float(args.num_train_epochs) if args.max_steps <= 0 else None,
+                "step": int(state.global_step),
+                "max_steps": int(state.max_steps),
+                "best_metric": self.best if self.best is not None else 0.0,
+                "metric": metric,
+                "total_time": f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}",
+                "seconds": seconds,
+            }
+            progress_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = progress_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+            os.replace(tmp, progress_file)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any):
+            if max_seconds is not None and time.monotonic() - self.start > max_seconds:
+                logger.info("time budget of %.0f s reached at step %d", max_seconds, state.global_step)
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    return [Progress()]
+
+
+def log_history(trainer: Any, out_dir: str | os.PathLike[str], name: str) -> Path:
+    """The trainer's log history (loss, rewards per step) as ``out_dir/name``."""
+    path = Path(out_dir) / name
+    path.write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
+    return path

@@ -1,0 +1,219 @@
+"""Agentic GRPO (paper §3.4) on trl's ``GRPOTrainer``: β = 0, the five rewards, two modes.
+
+* ``rollout``: full multi-turn rollouts through trl's environment API — one :class:`SegmentationToolEnv` per
+  rollout over :class:`ibisagent.env.SegmentationEnv` (history ``full``); each action turn is an ``act`` tool call,
+  its overlay image comes back as the next turn's observation (masked out of the loss, fed to the forward pass).
+* ``step``: one action from a recorded expert state (the authors' released recipe): the row replays the expert's
+  earlier turns on the environment (history ``off``, as the released checkpoint was run), the policy writes one
+  turn, the environment re-runs the tool on all clicks so far plus the new ones and the rewards read its record.
+
+Both modes use the same chat template and grammar as SFT and inference (:mod:`ibisagent.train.template`), the same
+five reward functions (:mod:`ibisagent.rewards`, weights from the config), and log each reward's mean per step
+(``rewards/<name>_reward/mean`` in ``OUT/grpo_log.json``). vLLM generation (colocate or server) is a config switch
+for GPUs.
+
+Rows (:func:`build_rows`) come from a manifest: rollout rows one per case; step rows one per expert turn of the
+oracle's trajectory on the same environment (its turns are the SFT data's turns).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ibisagent.train.common import (
+    CHECKPOINTS,
+    POLICY,
+    last_checkpoint,
+    load_model,
+    load_processor,
+    log_history,
+    lora_config,
+    resolve_model,
+    save_policy,
+    trainer_callbacks,
+)
+from ibisagent.train.config import GRPORunConfig, to_dict
+from ibisagent.train.environment import EnvSettings, factory, make_env, to_content_blocks
+
+logger = logging.getLogger(__name__)
+
+
+def env_settings(config: GRPORunConfig, processor: Any) -> EnvSettings:
+    """Rollout settings matching the processor's pixel budget (policy grid = what the model is fed)."""
+    ip = processor.image_processor
+    return EnvSettings(
+        tool=config.tool,
+        history="full" if config.mode == "rollout" else "off",
+        max_steps=config.max_turns if config.mode == "rollout" else 10**6,
+        min_pixels=int(ip.size["shortest_edge"]),
+        max_pixels=int(ip.size["longest_edge"]),
+        factor=int(ip.patch_size) * int(ip.merge_size),
+        prompts=config.prompts,
+    )
+
+
+def prompt_of(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """An environment observation as a trl prompt: messages with ``{"type": "image"}`` placeholders and the images
+    (PIL) in placeholder order."""
+    prompt, images = [], []
+    for message in messages:
+        parts = []
+        for block in to_content_blocks(message):
+            if block["type"] == "image":
+                images.append(block["image"])
+                parts.append({"type": "image", "text": None})
+            else:
+                parts.append({"type": "text", "text": block["text"]})
+        prompt.append({"role": message["role"], "content": parts})
+    return prompt, images
+
+
+def oracle_turns(env: Any) -> list[str]:
+    """The simulated expert's turns on a reset environment with ground truth, played to the end."""
+    from ibisagent.policies.base import GenerationOptions
+    from ibisagent.policies.oracle import OraclePolicy
+
+    oracle = OraclePolicy(env.ground_truth)
+    observation = env.observation
+    turns = []
+    while not env.done:
+        text = oracle.generate([observation.request], GenerationOptions())[0].text
+        turns.append(text)
+        result = env.step(text)
+        if result.observation is not None:
+            observation = result.observation
+    return turns
+
+
+def build_rows(manifest: str | os.PathLike[str], mode: str, settings: EnvSettings,
+               case_ids: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """GRPO rows for the cases of ``manifest`` (all, or ``case_ids``).
+
+    Columns: ``prompt`` + ``images`` (the environment's observation for the state the policy acts from),
+    ``manifest``, ``case_id``, ``history`` (JSON list of replayed expert turns; step mode), ``optimal_steps`` (the
+    expert's turn count) and ``expected_answer`` (closed VQA, else empty). Closed-VQA cases without targets are left
+    out (the environment needs a target).
+    """
+    from tqdm.auto import tqdm
+
+    from ibisagent.data.manifest import read_cases
+
+    manifest = str(Path(manifest).resolve())
+    cases = [c for c in read_cases(manifest) if case_ids is None or c.id in set(case_ids)]
+    rows: list[dict[str, Any]] = []
+    for case in tqdm(cases, desc=f"GRPO rows ({mode})", disable=not progress):
+        env = make_env(manifest, case.id, settings)
+        if env is None:
+            continue
+        env.reset()
+        expert = oracle_turns(env)
+        common = {"manifest": manifest, "case_id": case.id, "optimal_steps": max(1, len(expert)),
+                  "expected_answer": case.answer or ""}
+        starts = [0] if mode == "rollout" else range(len(expert))
+        for k in starts:
+            env.reset()
+            for text in expert[:k]:
+                env.step(text)
+            if env.done:
+                break
+            prompt, images = prompt_of(env.observation.messages)
+            rows.append({"prompt": prompt, "images": images, "history": json.dumps(expert[:k]), **common})
+    return rows
+
+
+def reward_functions() -> list[Any]:
+    """The five trl reward functions in :data:`ibisagent.rewards.REWARD_NAMES` order."""
+    from ibisagent.rewards import REWARD_FUNCTIONS
+
+    return list(REWARD_FUNCTIONS)
+
+
+def grpo_args(config: GRPORunConfig, out: Path) -> Any:
+    """trl ``GRPOConfig`` for a run config."""
+    from trl import GRPOConfig
+
+    from ibisagent.rewards import RewardWeights
+
+    kwargs: dict[str, Any] = {}
+    if config.use_vllm:
+        kwargs.update(use_vllm=True, vllm_mode=config.vllm_mode,
+                      vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+    return GRPOConfig(
+        output_dir=str(out / CHECKPOINTS),
+        beta=config.beta,
+        loss_type=config.loss_type,
+        num_generations=config.num_generations,
+        per_device_train_batch_size=config.batch_size * config.num_generations,
+        gradient_accumulation_steps=config.grad_accum,
+        max_completion_length=config.max_completion_length,
+        max_tool_calling_iterations=(config.max_turns - 1) if config.mode == "rollout" else 0,
+        temperature=config.temperature,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        warmup_steps=config.warmup_ratio,
+        reward_weights=RewardWeights.from_mapping(config.rewards).as_list(),
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        bf16=config.bf16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        seed=config.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        **kwargs,
+    )
+
+
+def make_trainer(config: GRPORunConfig, rows: list[dict[str, Any]], out: Path, model_path: Path,
+                 processor: Any) -> Any:
+    """The ``GRPOTrainer`` over ``rows`` (not yet trained)."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    settings = env_settings(config, processor)
+    model = load_model(model_path, config)
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=reward_functions(),
+        args=grpo_args(config, out),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+        peft_config=lora_config(config.lora) if config.lora.enabled else None,
+        environment_factory=factory(settings),
+        callbacks=trainer_callbacks(out, config.max_seconds, "reward"),
+    )
+
+
+def run_grpo(
+    config: GRPORunConfig,
+    manifest: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    case_ids: list[str] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Build the rows, train, save ``out_dir/policy``; returns the policy path and the log history (with the mean of
+    every reward per logged step). Resumes from the newest checkpoint in ``out_dir/checkpoints`` when ``resume``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = resolve_model(config.model)
+    processor = load_processor(model_path, config)
+    rows = build_rows(manifest, config.mode, env_settings(config, processor), case_ids, progress)
+    if not rows:
+        raise ValueError(f"no GRPO rows from {manifest} (no case with a target?)")
+    (out / "grpo_config.json").write_text(json.dumps(to_dict(config), indent=1), encoding="utf-8")
+    trainer = make_trainer(config, rows, out, model_path, processor)
+    checkpoint = last_checkpoint(out) if resume else None
+    if checkpoint:
+        logger.info("GRPO: resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    log_history(trainer, out, "grpo_log.json")
+    policy = save_policy(trainer.model, processor, out / POLICY)
+    return policy, list(trainer.state.log_history)

@@ -1,0 +1,298 @@
+"""``ibisagent train tiny MANIFEST --out DIR [--minutes N]``: an image–mask manifest in, a small policy out, on a CPU.
+
+Stages (each skipped when its output exists, so a killed run started again resumes; SFT and GRPO also resume from
+their last checkpoint):
+
+1. **split** by image: a share of the distinct images is held out (never trained on) → ``DIR/train.jsonl``,
+   ``DIR/test.jsonl``, ``DIR/split.json``;
+2. **trajectories**: the simulated expert on the training cases (``ibisagent simulate``) → ``DIR/trajectories.jsonl``;
+3. **SFT data** with reflective samples (``ibisagent.data.sft.build_sft``, history ``off`` as the product runs) →
+   ``DIR/sft_data``;
+4. **SFT** of a small Qwen2.5-VL built from a config with a tokenizer trained on the fly
+   (:func:`ibisagent.policies.tiny.build_tiny_qwen2_5_vl`) → ``DIR/sft/policy``;
+5. **GRPO** in ``rollout`` mode from the SFT policy on the training cases → ``DIR/grpo/policy``;
+6. **evaluation** on the held-out cases after SFT and after GRPO (``ibisagent eval``, with the policy metrics), beside
+   an **image-blind baseline**: each target name's mean first click over the training trajectories, the same for
+   every image (a policy that beats it uses the image).
+
+The time budget (``minutes``) is shared: data preparation is measured, a reserve is kept for the evaluations, and
+what remains is split between SFT and GRPO (:data:`SFT_SHARE`); the split actually used is recorded in
+``DIR/report.json``. Outputs: ``DIR/policy`` (the final policy, loadable as ``hf:DIR/policy``), ``DIR/curves.png``
+(SFT loss and GRPO rewards per step), ``DIR/report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Share of the training time (after preparation and the evaluation reserve) given to SFT; GRPO gets the rest.
+SFT_SHARE = 0.8
+#: Share of the whole budget reserved for the two held-out evaluations.
+EVAL_RESERVE = 0.12
+#: Share of distinct images held out for evaluation.
+HOLDOUT = 0.2
+#: The small model: language hidden size and layers (≈1.7 M parameters), the image budget (168 × 168 px, 36 tokens).
+HIDDEN_SIZE = 192
+NUM_LAYERS = 4
+MAX_PIXELS = 168 * 168
+#: Vocabulary of the tokenizer trained on the fly (on the prompt wording and the SFT data's text).
+VOCAB_SIZE = 3072
+
+
+def tokenizer_corpus(sft_data: Path, limit: int = 4000) -> list[str]:
+    """Text the recipe's tokenizer is trained on: the prompt wording and the SFT dataset's messages (up to
+    ``limit`` rows), so that a turn costs few tokens."""
+    from datasets import load_from_disk
+
+    from ibisagent.prompts import load_prompts
+
+    prompts = load_prompts()
+    lines = [prompts.system]
+    dataset = load_from_disk(str(sft_data))
+    for row in dataset.select(range(min(limit, len(dataset))))["messages"]:
+        for message in row:
+            lines += [part["text"] for part in message["content"] if part.get("text")]
+    return lines
+
+
+def _resolved_lines(manifest: Path) -> list[dict[str, Any]]:
+    """The manifest's JSON lines with every path made absolute (so subsets can live elsewhere)."""
+    base = manifest.resolve().parent
+    lines = []
+    for raw in manifest.read_text(encoding="utf-8").splitlines():
+        if not raw.strip():
+            continue
+        line = json.loads(raw)
+        line["image"] = str((base / line["image"]).resolve())
+        for target in line.get("targets") or []:
+            if target.get("mask"):
+                target["mask"] = str((base / target["mask"]).resolve())
+        if line.get("initial_mask"):
+            line["initial_mask"] = str((base / line["initial_mask"]).resolve())
+        lines.append(line)
+    return lines
+
+
+def split_by_image(lines: Sequence[dict[str, Any]], holdout: float, seed: int) -> tuple[list[str], list[str]]:
+    """Case ids for training and for the held-out test, split by image (all cases of one image on one side)."""
+    images = sorted({(line["image"], line.get("slice")) for line in lines}, key=str)
+    rng = random.Random(seed)
+    rng.shuffle(images)
+    n_test = max(1, round(holdout * len(images))) if len(images) > 1 else 0
+    test_images = set(images[:n_test])
+    train = [line["id"] for line in lines if (line["image"], line.get("slice")) not in test_images]
+    test = [line["id"] for line in lines if (line["image"], line.get("slice")) in test_images]
+    return train, test
+
+
+def _write_lines(path: Path, lines: Sequence[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def blind_baseline(trajectories: Path, test_manifest: Path, tool_spec: str = "embedded") -> dict[str, Any]:
+    """The image-blind baseline: each target name's mean first click (relative) over the training trajectories
+    (all targets' mean for unseen names), clicked on every held-out image. Returns the share of first clicks inside
+    the target and the mean IoU of the tool's mask from that one click (present targets)."""
+    from ibisagent.data.manifest import load_case, read_cases
+    from ibisagent.data.trajectory import read_trajectories
+    from ibisagent.metrics import iou
+    from ibisagent.protocol import Action
+    from ibisagent.tools import load_tool
+
+    firsts: dict[str, list[tuple[float, float]]] = {}
+    for record in read_trajectories(trajectories):
+        for step in record.steps:
+            if step.clicks:
+                c = step.clicks[0]
+                firsts.setdefault(record.target.casefold(), []).append((c.x, c.y))
+                break
+    everything = [p for points in firsts.values() for p in points] or [(0.5, 0.5)]
+    mean_of = {name: tuple(np.mean(points, axis=0)) for name, points in firsts.items()}
+    overall = tuple(np.mean(everything, axis=0))
+    tool = load_tool(tool_spec)
+    inside, ious = [], []
+    for case in read_cases(test_manifest):
+        loaded = load_case(case)
+        session = None
+        for name, truth in loaded.targets.items():
+            if truth is None or not truth.any():
+                continue
+            x, y = mean_of.get(name.casefold(), overall)
+            h, w = truth.shape
+            click = Action("positive", float(np.clip(x, 0, 1)), float(np.clip(y, 0, 1))).to_click(w, h)
+            inside.append(bool(truth[click.y, click.x]))
+            session = session or tool.encode(loaded.rgb)
+            ious.append(iou(session.predict([click], None).mask, truth))
+    return {"first_click_inside": statistics.fmean(inside) if inside else None,
+            "first_click_iou": statistics.fmean(ious) if ious else None, "targets": len(inside)}
+
+
+def evaluate_policy(policy_dir: Path, test_manifest: Path, out: Path, tool_spec: str = "embedded",
+                    max_steps: int = 8, progress: bool = True) -> dict[str, Any]:
+    """``ibisagent eval`` of ``hf:policy_dir`` on the held-out manifest; returns the overall summary with the policy
+    metrics and the mean IoU after the first click."""
+    from ibisagent.agent import AgentConfig
+    from ibisagent.evaluate import aggregate, run_policy, write_results
+    from ibisagent.policies import load_policy
+    from ibisagent.policies.base import GenerationOptions
+    from ibisagent.tools import load_tool
+
+    policy = load_policy(f"hf:{policy_dir}", device="cpu")
+    tool = load_tool(tool_spec)
+    config = AgentConfig(max_steps=max_steps, options=GenerationOptions(max_new_tokens=160))
+    records, results = run_policy(test_manifest, policy, tool, config, progress=progress)
+    summary = write_results(out, results, {"manifest": str(test_manifest), "policy": policy.name,
+                                           "tool": tool_spec, "max_steps": max_steps})
+    overall = dict(summary.get("overall", summary))
+    firsts = [t.ious[0] for r in results if r.scored for t in r.targets if t.present and t.ious]
+    overall["first_click_iou"] = statistics.fmean(firsts) if firsts else None
+    return overall
+
+
+def _plot_curves(sft_log: list[dict[str, Any]], grpo_log: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2, 1)
+    steps = [h["step"] for h in sft_log if "loss" in h]
+    ax.plot(steps, [h["loss"] for h in sft_log if "loss" in h])
+    ax.set(title="SFT loss", xlabel="step", ylabel="loss")
+    ax = fig.add_subplot(1, 2, 2)
+    rows = [h for h in grpo_log if "reward" in h]
+    for key in sorted({k for h in rows for k in h if k.startswith("rewards/") and k.endswith("/mean")}):
+        ax.plot([h["step"] for h in rows], [h.get(key) for h in rows], label=key.split("/")[1])
+    if rows:
+        ax.plot([h["step"] for h in rows], [h["reward"] for h in rows], "k--", label="weighted total")
+        ax.legend(fontsize=7)
+    ax.set(title="GRPO rewards (mean per step)", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def run_recipe(
+    manifest: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    minutes: float = 45.0,
+    extra: Sequence[str | os.PathLike[str]] = (),
+    seed: int = 0,
+    progress: bool = True,
+    tool: str = "embedded",
+) -> dict[str, Any]:
+    """Run the recipe (see the module docstring); returns the report (also ``DIR/report.json``)."""
+    from ibisagent.data.sft import build_sft
+    from ibisagent.data.reflect import ReflectiveRatios
+    from ibisagent.policies.tiny import build_tiny_qwen2_5_vl
+    from ibisagent.train.config import GRPORunConfig, LoraSettings, SFTRunConfig
+    from ibisagent.train.grpo import run_grpo
+    from ibisagent.train.sft import run_sft
+
+    start = time.monotonic()
+    budget = float(minutes) * 60.0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    # 1. split by image
+    lines = _resolved_lines(Path(manifest))
+    train_ids, test_ids = split_by_image(lines, HOLDOUT, seed)
+    extra_lines = [line for m in extra for line in _resolved_lines(Path(m))]
+    train_lines = [line for line in lines if line["id"] in set(train_ids)] + extra_lines
+    train_manifest = _write_lines(out / "train.jsonl", train_lines)
+    test_manifest = _write_lines(out / "test.jsonl", [line for line in lines if line["id"] in set(test_ids)])
+    (out / "split.json").write_text(json.dumps({"train": train_ids, "extra": [x["id"] for x in extra_lines],
+                                                "test": test_ids, "by": "image", "holdout": HOLDOUT, "seed": seed},
+                                               indent=1), encoding="utf-8")
+
+    # 2. expert trajectories, 3. SFT data
+    t0 = time.monotonic()
+    trajectories = out / "trajectories.jsonl"
+    if not trajectories.is_file():
+        from ibisagent.data.trajectory import write_trajectories
+        from ibisagent.evaluate import run_oracle
+        from ibisagent.tools import load_tool
+
+        records, _ = run_oracle(train_manifest, load_tool(tool), progress=progress)
+        write_trajectories(trajectories, records)
+    sft_data = out / "sft_data"
+    if not (sft_data / "dataset_info.json").is_file():
+        build_sft(trajectories, sft_data, history="off", reflective=ReflectiveRatios(0.3, 0.2), seed=seed,
+                  manifest=train_manifest, min_pixels=56 * 56, max_pixels=MAX_PIXELS, progress=progress)
+    base = out / "base"
+    if not (base / "config.json").is_file():
+        build_tiny_qwen2_5_vl(base, seed=seed, hidden_size=HIDDEN_SIZE, num_layers=NUM_LAYERS, max_pixels=MAX_PIXELS,
+                              corpus=tokenizer_corpus(sft_data), vocab_size=VOCAB_SIZE)
+    timings["prepare_s"] = time.monotonic() - t0
+
+    left = max(60.0, budget - (time.monotonic() - start) - EVAL_RESERVE * budget)
+    sft_seconds, grpo_seconds = SFT_SHARE * left, (1 - SFT_SHARE) * left
+
+    # 4. SFT
+    t0 = time.monotonic()
+    sft_config = SFTRunConfig(model=str(base), lora=LoraSettings(enabled=False), learning_rate=2e-3, epochs=1000,
+                              batch_size=4,
+                              max_seconds=sft_seconds, save_steps=100, max_length=4096, seed=seed)
+    sft_policy = out / "sft" / "policy"
+    if not (sft_policy / "config.json").is_file():
+        run_sft(sft_config, sft_data, out / "sft")
+    sft_log = json.loads((out / "sft" / "sft_log.json").read_text())
+    timings["sft_s"] = time.monotonic() - t0
+
+    # 5. GRPO, rollout mode
+    t0 = time.monotonic()
+    grpo_config = GRPORunConfig(model=str(sft_policy), mode="rollout", lora=LoraSettings(enabled=False),
+                                learning_rate=2e-4, epochs=1000, max_seconds=grpo_seconds, num_generations=4,
+                                max_turns=3, max_completion_length=2048, save_steps=20, seed=seed, tool=tool)
+    grpo_policy = out / "grpo" / "policy"
+    if not (grpo_policy / "config.json").is_file():
+        run_grpo(grpo_config, train_manifest, out / "grpo", progress=progress)
+    grpo_log = json.loads((out / "grpo" / "grpo_log.json").read_text())
+    timings["grpo_s"] = time.monotonic() - t0
+
+    # 6. held-out evaluation beside the image-blind baseline
+    t0 = time.monotonic()
+    report: dict[str, Any] = {"manifest": str(manifest), "minutes": minutes, "seed": seed, "tool": tool,
+                              "split": {"train_cases": len(train_lines), "test_cases": len(test_ids)}}
+    if test_ids:
+        report["baseline_image_blind"] = blind_baseline(trajectories, test_manifest, tool)
+        report["after_sft"] = evaluate_policy(sft_policy, test_manifest, out / "eval_sft", tool, progress=progress)
+        report["after_grpo"] = evaluate_policy(grpo_policy, test_manifest, out / "eval_grpo", tool,
+                                               progress=progress)
+    timings["eval_s"] = time.monotonic() - t0
+    final = out / "policy"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(grpo_policy, final)
+    _plot_curves(sft_log, grpo_log, out / "curves.png")
+    timings["total_s"] = time.monotonic() - start
+    report.update({
+        "policy": str(final),
+        "budget": {"minutes": minutes, "sft_share": SFT_SHARE, "eval_reserve": EVAL_RESERVE,
+                   "sft_budget_s": round(sft_seconds, 1), "grpo_budget_s": round(grpo_seconds, 1),
+                   **{k: round(v, 1) for k, v in timings.items()}},
+        "model": {"hidden_size": HIDDEN_SIZE, "num_layers": NUM_LAYERS, "max_pixels": MAX_PIXELS},
+        "sft": {"steps": max((h.get("step", 0) for h in sft_log), default=0),
+                "first_loss": next((h["loss"] for h in sft_log if "loss" in h), None),
+                "last_loss": next((h["loss"] for h in reversed(sft_log) if "loss" in h), None)},
+        "grpo": {"steps": max((h.get("step", 0) for h in grpo_log), default=0),
+                 "mean_reward": statistics.fmean(h["reward"] for h in grpo_log if "reward" in h)
+                 if any("reward" in h for h in grpo_log) else None},
+    })
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")
+    return report

@@ -1,0 +1,141 @@
+"""SFT on the tiny Qwen2.5-VL: the project chat template, trained-token masks, LoRA per tower, bad rows, reload."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from train_data import STOP, conversation, square_image, turn, write_sft_dataset
+
+pytest.importorskip("trl")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from ibisagent.policies.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def processor(tiny):
+    from ibisagent.train.common import load_processor
+    from ibisagent.train.config import SFTRunConfig
+
+    return load_processor(tiny, SFTRunConfig())
+
+
+def test_template_renders_stock_qwen_turns_and_is_tool_ready(processor, tiny):
+    from transformers import AutoProcessor
+    from trl.chat_template_utils import is_chat_template_prefix_preserving, supports_tool_calling
+
+    stock = AutoProcessor.from_pretrained(tiny)
+    msgs = [{k: v for k, v in m.items() if k != "train"} for m in conversation(wrong=True)]
+    assert processor.apply_chat_template(msgs, tokenize=False) == stock.apply_chat_template(msgs, tokenize=False)
+    assert supports_tool_calling(processor) and is_chat_template_prefix_preserving(processor)
+
+
+def test_response_template_turns_action_turns_into_act_calls(processor):
+    from trl.chat_template_utils import parse_response
+
+    tok = processor.tokenizer
+    click = turn(0.25, 0.75)
+    parsed = parse_response(tok, tok(click + "<|im_end|>")["input_ids"], prefix=[])
+    assert parsed["tool_calls"] == [{"type": "function", "function": {"name": "act", "arguments": {"turn": click}}}]
+    # Terminate calls no tool: the rollout ends; the text stays whole
+    parsed = parse_response(tok, tok(STOP + "<|im_end|>")["input_ids"], prefix=[])
+    assert "tool_calls" not in parsed and parsed["content"] == STOP
+    # the act call renders back to exactly the generated text
+    rendered = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+         {"role": "assistant", "content": [], "tool_calls": parsed_calls(click)}], tokenize=False)
+    assert f"<|im_start|>assistant\n{click}<|im_end|>\n" in rendered
+
+
+def parsed_calls(text):
+    return [{"type": "function", "function": {"name": "act", "arguments": {"turn": text}}}]
+
+
+def test_trained_tokens_are_exactly_the_trained_assistant_turns(processor):
+    """Through trl's own vision collator: labels != -100 only on assistant turns whose train flag is not false."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    msgs = conversation(wrong=True)
+    n_images = sum(1 for m in msgs for p in m["content"] if p["type"] == "image")
+    images = [square_image(56, 28, 28, seed=i) for i in range(n_images)]
+    collator = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)
+    batch = collator([{"messages": msgs, "images": images}])
+    labels = batch["labels"][0]
+    trained = labels[labels != -100].tolist()
+    tok = processor.tokenizer
+    expected = []
+    for m in msgs:
+        if m["role"] == "assistant" and m["train"] is not False:
+            expected += tok(m["content"][0]["text"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert trained == expected
+    wrong = tok(turn(0.05, 0.05), add_special_tokens=False)["input_ids"]
+    assert len(trained) == len(expected) and len(wrong) > 0
+    # the image tokens of all four images reach the batch
+    assert int(batch["image_grid_thw"].shape[0]) == n_images
+
+
+def test_rows_with_mismatched_or_cut_images_are_reported_and_skipped(processor, tmp_path):
+    from datasets import load_from_disk
+
+    from ibisagent.train.sft import check_rows
+
+    data = load_from_disk(str(write_sft_dataset(tmp_path / "d", rows=2, bad_rows=True)))
+    keep, skipped = check_rows(data, processor, max_length=4096)
+    assert keep == [0, 1] and [s.index for s in skipped] == [2] and "placeholder" in skipped[0].reason
+    keep, skipped = check_rows(data, processor, max_length=60)
+    assert keep == [] and all("max_length" in s.reason or "placeholder" in s.reason for s in skipped)
+
+
+def test_lora_targets_the_language_model_only(tiny):
+    from peft import get_peft_model
+
+    from ibisagent.train.common import count_lora_layers, load_model, lora_config
+    from ibisagent.train.config import LoraSettings, SFTRunConfig
+
+    model = get_peft_model(load_model(tiny, SFTRunConfig()), lora_config(LoraSettings()))
+    # 2 language layers × (q, k, v, o, gate, up, down)
+    assert count_lora_layers(model) == {"language": 14, "vision": 0, "other": 0}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "visual" not in n for n in trainable)
+
+
+def test_full_finetuning_freezes_vision(tiny):
+    from ibisagent.train.common import load_model
+    from ibisagent.train.config import SFTRunConfig
+
+    model = load_model(tiny, SFTRunConfig())
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".visual." in f".{n}" for n in frozen)
+    assert any(p.requires_grad for n, p in model.named_parameters() if "language_model" in n)
+
+
+def test_sft_steps_lower_the_loss_and_the_policy_reloads(tmp_path, tiny, monkeypatch):
+    from ibisagent.agent import AgentConfig, run_agent
+    from ibisagent.policies import load_policy
+    from ibisagent.tools import load_tool
+    from ibisagent.train.config import SFTRunConfig
+    from ibisagent.train.sft import run_sft
+
+    data = write_sft_dataset(tmp_path / "data", rows=2, bad_rows=True)
+    config = SFTRunConfig(model=str(tiny), max_steps=4, learning_rate=5e-3, save_steps=2)
+    result = run_sft(config, data, tmp_path / "run")
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert result.rows == 2 and [s.index for s in result.skipped] == [2]
+    assert json.loads((tmp_path / "run" / "skipped.jsonl").read_text().splitlines()[0])["row"] == 2
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert progress["step"] == 4 and progress["best_metric"] == pytest.approx(min(losses))
+    policy = load_policy(f"hf:{result.policy}", device="cpu")
+    assert "generation" in policy.processor.chat_template  # the training template travels with the checkpoint
+    image = np.asarray(square_image(56, 28, 28))
+    tool = load_tool("embedded")
+    traj = run_agent(policy, tool.encode(image), image, "Segment the lesion.", "lesion",
+                     config=AgentConfig(max_steps=1))
+    assert len(traj.steps) >= 1
