@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from ibisagent.evaluate import run_oracle
 from ibisagent.tools.embedded import EmbeddedTool
 
