@@ -14,6 +14,12 @@ Method (histogram likelihood + geodesic veto of negative clicks + contrast-sensi
    several tissues (grey blob-like seeds): positive clicks are grouped by the grey level they fell on
    (:func:`tissue_groups`), each group has its own histogram and the unary is the maximum over groups, so clicks
    on white matter, grey matter and CSF of one brain grow one mask over all three.
+   Faint targets (:func:`weak_contrast`: the first seed of a tissue group differs from the ring around it by at least
+   one pooled standard deviation but by under 1.5 of the 64 bins, and a fine model finds a region at most a quarter
+   of the 64-bin one): the group's unary is a Gaussian of its first seed's grey level against a 256-bin background
+   histogram, pooled over a 1 px Gaussian, minus a locality prior (distance to the group's seeds / 10 px, weighted
+   by the weakness), and every seed shrinks to 1 px (the edge detector cannot see the faint boundary the seeds are
+   sized by). A click on a lesion 3 grey levels darker than its organ means the lesion, not every pixel of that grey.
 4. Negative clicks veto geodesically: where the geodesic distance (``skimage.graph.MCP_Geometric`` on the
    gradient cost) to a negative seed is shorter than to a positive one, the unary is pushed to background, so a
    negative click removes only the wrongly included part it sits in.
