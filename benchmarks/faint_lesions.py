@@ -15,10 +15,9 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
-
 from ibisagent.clicks import simulate
 from ibisagent.tools.embedded import EmbeddedTool
+from scipy import ndimage
 
 try:
     from embedded_candidates import embedded_from_file
