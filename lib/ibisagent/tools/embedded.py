@@ -14,6 +14,12 @@ Method (histogram likelihood + geodesic veto of negative clicks + contrast-sensi
    several tissues (grey blob-like seeds): positive clicks are grouped by the grey level they fell on
    (:func:`tissue_groups`), each group has its own histogram and the unary is the maximum over groups, so clicks
    on white matter, grey matter and CSF of one brain grow one mask over all three.
+   Faint targets (:func:`weak_contrast`: the first seed of a tissue group differs from the ring around it by at least
+   one pooled standard deviation but by under 1.5 of the 64 bins, and a fine model finds a region at most a quarter
+   of the 64-bin one): the group's unary is a Gaussian of its first seed's grey level against a 256-bin background
+   histogram, pooled over a 1 px Gaussian, minus a locality prior (distance to the group's seeds / 10 px, weighted
+   by the weakness), and every seed shrinks to 1 px (the edge detector cannot see the faint boundary the seeds are
+   sized by). A click on a lesion 3 grey levels darker than its organ means the lesion, not every pixel of that grey.
 4. Negative clicks veto geodesically: where the geodesic distance (``skimage.graph.MCP_Geometric`` on the
    gradient cost) to a negative seed is shorter than to a positive one, the unary is pushed to background, so a
    negative click removes only the wrongly included part it sits in.
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpymaxflow
@@ -129,6 +136,29 @@ GROUP_MERGE_BINS = 4.0
 #: A positive click may drop at most this fraction of the previous mask (outside negative seeds); beyond it, the
 #: previous mask is kept whole (see :func:`_settle`).
 POSITIVE_REMOVAL_BOUND = 0.05
+#: Weak contrast (grey blob seeds; :func:`weak_contrast`): a tissue group whose first seed disk differs from the
+#: ring RING_INNER..RING_OUTER px around it by at least WEAK_MIN_CONTRAST pooled standard deviations but by less
+#: than WEAK_MAX_BINS 64-bin histogram bins in grey level, and where the fine model's region is at most WEAK_MAX_AREA_RATIO of
+#: the 64-bin model's, is a faint target — a lesion a few grey levels from its organ, which 64 bins cannot separate
+#: (the sample data's ``ct_liver_lesion``: about 2 grey levels between a seed and its ring, 64-bin region 28 times
+#: the fine one).
+WEAK_MIN_CONTRAST = 1.0
+WEAK_MAX_BINS = 1.5
+WEAK_MAX_AREA_RATIO = 0.25
+RING_INNER = 4.0
+RING_OUTER = 12.0
+#: A weak group's model (:func:`_fine_llr`): a Gaussian of its first seed's grey level (standard deviation floored
+#: at the noise) against the FINE_BINS-bin whole-image histogram, the log-ratio pooled over a Gaussian of
+#: WEAK_POOL_SIGMA px (one pixel's evidence is too faint; its neighbours' adds up), minus a locality prior of
+#: weakness * (Euclidean distance to the group's seeds) / LOCAL_SCALE. Negative seeds do not enter this model
+#: (one boundary pixel's grey level would carve a hole in the fine histogram at the lesion's level); they act through
+#: the hard constraints and the geodesic veto.
+FINE_BINS = 256
+WEAK_POOL_SIGMA = 1.0
+LOCAL_SCALE = 10.0
+#: With a weak group, every seed disk shrinks to this radius: the edge detector cannot see a faint boundary, so
+#: disks sized by it would cross it (a boundary click would claim the other side).
+WEAK_SEED_RADIUS = 1
 #: Per-session memo of per-click geodesic distances (entries), cleared when full.
 GEO_CACHE_SIZE = 512
 
@@ -150,6 +180,9 @@ class _Features:
     cost: np.ndarray  # float64 > 0, geodesic cost on a grid of at most GEO_GRID cells per side
     edge_distance: np.ndarray  # float32, work-grid pixels to the nearest strong edge
     has_ridge: bool = False  # the last likelihood channel is the ridge feature
+    fine_bins: np.ndarray | None = None  # (h, w) int32 in [0, FINE_BINS): grey level, grey images only
+    fine_hist: np.ndarray | None = None  # (FINE_BINS,) float64 smoothed whole-image histogram of fine_bins
+    noise: float = 0.0  # noise standard deviation of ``grey`` (grey units in [0, 1])
     ridge_weight: float = 0.0
     ridge_strength: np.ndarray | None = None
     factor: int = 1  # work grid = full image downsampled by this integer factor
@@ -268,9 +301,14 @@ def compute_features(image: np.ndarray) -> _Features:
             ridge_strength = (strength / max(float(np.percentile(strength, RIDGE_GATE_PERCENTILE)), 1e-6)).astype(np.float32)
             rb, rh, rk = _likelihood_channel(_unit(ridge))
             all_bins = np.stack([bins, rb]); hists = np.stack([hist, rh]); kernels = (kernel, rk)
+        fine_bins = np.clip((grey * FINE_BINS).astype(np.int32), 0, FINE_BINS - 1)
+        noise = max(_noise_sd(grey), 1.0 / 255.0)
+        fine_hist = _density(np.bincount(fine_bins.ravel(), minlength=FINE_BINS), max(1.0, noise * FINE_BINS))
         cut_image = grey[None]
         cut_sigma = max(CUT_SIGMA_NOISE_SDS * max(_noise_sd(grey), 1.0 / 255.0), 0.02)
     else:
+        fine_bins = fine_hist = None
+        noise = 0.0
         smooth = np.stack([ndimage.gaussian_filter(rgb[:, :, c], SMOOTH_SIGMA) for c in range(3)]).astype(np.float32)
         flat = smooth.reshape(3, -1)
         centred = flat - flat.mean(axis=1, keepdims=True)
@@ -319,6 +357,9 @@ def compute_features(image: np.ndarray) -> _Features:
         has_ridge=(not is_grey and RIDGE_WEIGHT > 0) or (is_grey and GREY_RIDGE_WEIGHT > 0),
         ridge_weight=GREY_RIDGE_WEIGHT if is_grey else RIDGE_WEIGHT,
         ridge_strength=ridge_strength,
+        fine_bins=fine_bins,
+        fine_hist=fine_hist,
+        noise=noise,
         factor=factor,
         full_shape=full_shape,
     )
@@ -356,7 +397,7 @@ def seed_masks(
 
 
 def intensity_llr(
-    feats: _Features, pos: np.ndarray, neg: np.ndarray, groups: Sequence[np.ndarray] = ()
+    feats: _Features, pos: np.ndarray, neg: np.ndarray, groups: Sequence[TissueGroup] = ()
 ) -> np.ndarray:
     """Per-pixel foreground log-likelihood ratio from seed histograms, (h, w) float32 in [-LLR_CLIP, LLR_CLIP].
 
@@ -369,9 +410,75 @@ def intensity_llr(
     ridge_weight = feats.ridge_weight
     if feats.ridge_strength is not None:
         ridge_weight *= ridge_gate(feats, pos)
-    if len(groups) < 2:
+    if not groups:
         return _pooled_llr(feats, pos, neg, ridge_weight)
-    return np.max([_pooled_llr(feats, g, neg, ridge_weight) for g in groups], axis=0)
+    maps = []
+    for g in groups:
+        if g.weakness > 0:
+            maps.append(_fine_llr(feats, g, neg, g.weakness))
+        else:
+            maps.append(_pooled_llr(feats, g.seeds, neg, ridge_weight))
+    return maps[0] if len(maps) == 1 else np.max(maps, axis=0)
+
+
+def weak_contrast(feats: _Features, seeds: np.ndarray) -> float:
+    """How faint the boundary around a tissue group's first seed disk is: weakness in [0, 1] (0 = not faint).
+
+    Three tests, all needed (grey images only):
+
+    1. The seeds differ from the ring RING_INNER..RING_OUTER px around them by at least WEAK_MIN_CONTRAST pooled
+       standard deviations (floored at the noise): there is a boundary nearby. A click deep inside one tissue has a
+       contrast near 0 (the 64-bin model is right to grow over the whole tissue).
+    2. The difference is under WEAK_MAX_BINS 64-bin histogram bins: weakness 1 up to one bin, 0 from
+       WEAK_MAX_BINS, linear between. Above that the 64-bin model separates the two sides itself.
+    3. The fine model (:func:`_fine_llr` without locality) finds a region around the click at most
+       WEAK_MAX_AREA_RATIO of the 64-bin model's: it sees a boundary the coarse model floods across.
+    """
+    if feats.fine_bins is None or not seeds.any():
+        return 0.0
+    ys, xs = np.nonzero(seeds)
+    m = int(RING_OUTER) + 1
+    box = (slice(max(ys.min() - m, 0), ys.max() + m + 1), slice(max(xs.min() - m, 0), xs.max() + m + 1))
+    dist = ndimage.distance_transform_edt(~seeds[box])
+    ring = (dist > RING_INNER) & (dist <= RING_OUTER)
+    if not ring.any():
+        return 0.0
+    a, b = feats.grey[box][seeds[box]], feats.grey[box][ring]
+    diff = abs(float(a.mean()) - float(b.mean()))
+    sd = max(float(np.sqrt(0.5 * (a.var() + b.var()))), feats.noise)
+    weakness = float(np.clip((WEAK_MAX_BINS - diff * N_BINS) / (WEAK_MAX_BINS - 1.0), 0.0, 1.0))
+    if weakness == 0.0 or diff / sd < WEAK_MIN_CONTRAST:
+        return 0.0
+    none = np.zeros_like(seeds)
+    fine = _region_area(_fine_llr(feats, TissueGroup(seeds, seeds, 0.0), none, 0.0) > 0, seeds)
+    coarse = _region_area(_pooled_llr(feats, seeds, none, 0.0) > 0, seeds)
+    return weakness if fine <= WEAK_MAX_AREA_RATIO * coarse else 0.0
+
+
+def _region_area(mask: np.ndarray, seeds: np.ndarray) -> int:
+    """Pixels of the 8-connected components of ``mask`` that touch ``seeds``."""
+    lab, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    ids = np.unique(lab[seeds & mask])
+    return int(np.isin(lab, ids[ids > 0]).sum())
+
+
+def _fine_llr(feats: _Features, group: TissueGroup, neg: np.ndarray, weakness: float) -> np.ndarray:
+    """Weak-contrast tissue group: Gaussian seed model against the fine background histogram, minus a locality
+    prior (Euclidean distance to ``seeds`` / :data:`LOCAL_SCALE`, times ``weakness`` in [0, 1]); (h, w) float32."""
+    levels = feats.fine_bins[group.first].astype(np.float64)
+    sd = max(float(levels.std()), feats.noise * FINE_BINS, 1.0)
+    centres = np.arange(FINE_BINS, dtype=np.float64)
+    fg = np.exp(-0.5 * ((centres - levels.mean()) / sd) ** 2)
+    fg /= fg.sum()
+    bg = feats.fine_hist
+    uniform = 1.0 / FINE_BINS
+    fg = (1.0 - UNIFORM_MIX) * fg + UNIFORM_MIX * uniform
+    bg = (1.0 - UNIFORM_MIX) * bg + UNIFORM_MIX * uniform
+    llr = np.clip(np.log(fg) - np.log(bg), -LLR_CLIP, LLR_CLIP).astype(np.float32)[feats.fine_bins]
+    if WEAK_POOL_SIGMA > 0:
+        llr = ndimage.gaussian_filter(llr, WEAK_POOL_SIGMA)
+    dist = ndimage.distance_transform_edt(~group.seeds).astype(np.float32)
+    return np.clip(llr - weakness * dist / LOCAL_SCALE, -LLR_CLIP, LLR_CLIP)
 
 
 def ridge_gate(feats: _Features, pos: np.ndarray) -> float:
@@ -407,8 +514,19 @@ def _pooled_llr(feats: _Features, fg_pixels: np.ndarray, neg: np.ndarray, ridge_
     return total
 
 
-def tissue_groups(feats: _Features, clicks: Sequence[Click], pos: np.ndarray) -> list[np.ndarray]:
-    """Group the positive clicks by the tissue they fell on: (h, w) bool seed pixels per group, in click order.
+class TissueGroup(NamedTuple):
+    """Positive clicks on one tissue: ``seeds`` (h, w) bool pixels of all its clicks' seed disks, ``first`` those of
+    its first click."""
+
+    seeds: np.ndarray
+    first: np.ndarray
+    weakness: float = 0.0
+
+
+def tissue_groups(
+    feats: _Features, clicks: Sequence[Click], pos: np.ndarray, memo: dict[tuple[int, int, bytes], float] | None = None
+) -> list[TissueGroup]:
+    """Group the positive clicks by the tissue they fell on, in click order.
 
     A click joins the first group whose first click's median bin (first likelihood channel: grey level or colour
     PC1) is within :data:`GROUP_MERGE_BINS` of its own, else it starts a new group. Clicks on one homogeneous target
@@ -417,6 +535,8 @@ def tissue_groups(feats: _Features, clicks: Sequence[Click], pos: np.ndarray) ->
     """
     heads: list[float] = []
     groups: list[np.ndarray] = []
+    first: list[np.ndarray] = []
+    first_keys: list[tuple[int, int, bytes]] = []
     bins = feats.bins[0]
     for c in clicks:
         if not c.positive:
@@ -435,7 +555,19 @@ def tissue_groups(feats: _Features, clicks: Sequence[Click], pos: np.ndarray) ->
         else:
             heads.append(level)
             groups.append(seed)
-    return groups
+            first.append(seed.copy())
+            first_keys.append((c.x, c.y, seed[box].tobytes()))
+    out = []
+    for g, f, key in zip(groups, first, first_keys):
+        weakness = memo.get(key) if memo is not None else None
+        if weakness is None:
+            weakness = weak_contrast(feats, f)
+            if memo is not None:
+                if len(memo) >= GEO_CACHE_SIZE:
+                    memo.clear()
+                memo[key] = weakness
+        out.append(TissueGroup(g, f, weakness))
+    return out
 
 
 def _seed_cells(click: Click, edge_distance: np.ndarray, factor: int) -> list[tuple[int, int]]:
@@ -511,13 +643,15 @@ def _settle(
 
 class EmbeddedSession(ImageSession):
     """Cached features of one image. :meth:`predict` is a pure function of its arguments; the only state it
-    writes is a memo of per-click geodesic distances (deterministic values, safe to share between threads)."""
+    writes are memos of per-click geodesic distances and of tissue groups' weakness (:func:`weak_contrast`):
+    deterministic values, safe to share between threads."""
 
     def __init__(self, feats: _Features) -> None:
         self._feats = feats
         self.shape = feats.full_shape if feats.full_shape != (0, 0) else feats.grey.shape
         self._work_shape = feats.grey.shape
         self._geo_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._weak_memo: dict[tuple[int, int, bytes], float] = {}
 
     def predict(self, clicks: Sequence[Click], prior_logits: np.ndarray | None = None) -> Prediction:
         """Segment from all clicks so far (see :meth:`ImageSession.predict`).
@@ -555,23 +689,18 @@ class EmbeddedSession(ImageSession):
             # A positive click is evidence for foreground only: what the previous mask held stays, except under
             # negative clicks' seeds.
             keep = self._full_prior(prior_logits) > 0
+            _, neg, _ = self._seeds(work_clicks)
             if f.factor > 1:
-                _, neg = seed_masks(work_clicks, f.edge_distance)
                 neg = np.repeat(np.repeat(neg, f.factor, axis=0), f.factor, axis=1)[: self.shape[0], : self.shape[1]]
-            else:
-                _, neg = seed_masks(clicks, f.edge_distance)
             keep &= ~neg
         return Prediction(*_settle(mask, logits, clicks, keep))
 
     def _predict_work(self, clicks: Sequence[Click], prior: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         f = self._feats
         shape = self._work_shape
-        pos, neg = seed_masks(clicks, f.edge_distance)
+        pos, neg, groups = self._seeds(clicks)
         prior_mask = prior > 0 if prior is not None else None
         fg_model = pos | (prior_mask & ~neg) if (prior_mask is not None and not pos.any()) else pos
-        # Tissue groups for grey blob-like targets only: on thin structures (ridge gate on) and colour images the
-        # clicks' grey levels vary along one structure, and one pooled histogram does better.
-        groups = tissue_groups(f, clicks, pos) if (f.ridge_strength is not None and ridge_gate(f, pos) == 0) else []
         unary = intensity_llr(f, fg_model, neg, groups)
         if neg.any() and pos.any():
             d_pos = self._click_distance([c for c in clicks if c.positive])
@@ -596,6 +725,24 @@ class EmbeddedSession(ImageSession):
         magnitude = np.maximum(np.abs(unary), LOGIT_MARGIN)
         logits = np.clip(np.where(mask, magnitude, -magnitude), -LOGIT_CLIP, LOGIT_CLIP).astype(np.float32)
         return mask, logits
+
+    def _seeds(self, clicks: Sequence[Click]) -> tuple[np.ndarray, np.ndarray, list[TissueGroup]]:
+        """Positive and negative seed pixels and the positive clicks' tissue groups, on the work grid.
+
+        Tissue groups for grey blob-like targets only: on thin structures (ridge gate on) and colour images the
+        clicks' grey levels vary along one structure, and one pooled histogram does better. When a group's contrast
+        is weak (:func:`weak_contrast`), the edge detector cannot see the boundary the seed disks are sized by, so
+        every seed shrinks to :data:`WEAK_SEED_RADIUS` (a click on the faint boundary must not claim the other side).
+        """
+        f = self._feats
+        pos, neg = seed_masks(clicks, f.edge_distance)
+        blob = f.ridge_strength is not None and ridge_gate(f, pos) == 0
+        groups = tissue_groups(f, clicks, pos, self._weak_memo) if blob else []
+        if any(g.weakness > 0 for g in groups):
+            capped = np.minimum(f.edge_distance, (WEAK_SEED_RADIUS + 0.5) / SEED_EDGE_FRACTION)
+            pos, neg = seed_masks(clicks, capped)
+            groups = [TissueGroup(g.seeds & pos, g.first, g.weakness) for g in groups]
+        return pos, neg, groups
 
     def _click_distance(self, clicks: Sequence[Click]) -> np.ndarray:
         """Geodesic distance (work-grid pixels, on the coarse cost grid) to the nearest of ``clicks``' seed disks.
