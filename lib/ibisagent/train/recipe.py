@@ -146,7 +146,7 @@ def evaluate_policy(policy_dir: Path, test_manifest: Path, out: Path, tool_spec:
     """``ibisagent eval`` of ``hf:policy_dir`` on the held-out manifest; returns the overall summary with the policy
     metrics and the mean IoU after the first click."""
     from ibisagent.agent import AgentConfig
-    from ibisagent.evaluate import aggregate, run_policy, write_results
+    from ibisagent.evaluate import run_policy, write_results
     from ibisagent.policies import load_policy
     from ibisagent.policies.base import GenerationOptions
     from ibisagent.tools import load_tool

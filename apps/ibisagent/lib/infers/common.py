@@ -18,6 +18,7 @@ import re
 import tempfile
 import threading
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
