@@ -100,6 +100,10 @@ class CaseResult:
         return data
 
 
+#: How a case's error begins when the agent ran but stopped without a usable answer (``unparseable``, ``tool_error``).
+AGENT_STOPPED = "agent stopped"
+
+
 def simulate_case(
     loaded: LoadedCase,
     tool: SegmentationTool,
@@ -360,7 +364,7 @@ def policy_case(
     if failed is not None:  # the agent gave no usable answer: the case failed, it is not scored as its mask
         return with_errors(records, trajectory), CaseResult(
             id=case.id, modality=case.modality, steps=len({s.index for s in trajectory.steps}),
-            seconds=time.perf_counter() - start, error=f"agent stopped {failed}")
+            seconds=time.perf_counter() - start, error=f"{AGENT_STOPPED} {failed}")
     pairs = [(trajectory.masks[n], truth[n]) for n in names]
     steps = len({s.index for s in trajectory.steps})
     targets = []
