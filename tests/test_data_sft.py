@@ -151,12 +151,19 @@ def test_not_trained_flag_lands_on_exactly_the_wrong_turns(simulated, tmp_path: 
     dataset, meta = _rows(tmp_path / "off")
     for row, info in zip(dataset, meta):
         turns = _assistant_texts(row)
-        assert len(turns) == 1 and turns[0][1] is True  # no history: only trained turns become rows
-        kinds = [a.kind for a in parse_response(turns[0][0]).actions]
+        # no history: one trained turn per row; an Undo row keeps the wrong click it answers as untrained context
+        kinds = [a.kind for a in parse_response(turns[-1][0]).actions]
+        assert turns[-1][1] is True
         if info["kind"] == "self_correction":
-            assert kinds == ["undo"]
-        elif info["kind"] == "inconsistency":
-            assert kinds == ["reset"]
+            assert kinds == ["undo"] and len(turns) == 2 and turns[0][1] is False
+            wrong = parse_response(turns[0][0]).actions
+            assert len(wrong) == 1 and wrong[0].is_click
+            images = sum(p["type"] == "image" for m in row["messages"] for p in m["content"])
+            assert images == len(row["images"]) == 2  # the overlay before the wrong click and the one it produced
+        else:
+            assert len(turns) == 1
+            if info["kind"] == "inconsistency":
+                assert kinds == ["reset"]
 
 
 def test_rows_are_the_environment_observations(simulated, tmp_path: Path) -> None:

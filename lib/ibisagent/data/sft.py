@@ -253,8 +253,8 @@ def rows_of(played: Sequence[tuple[EnvObservation, str, Turn]], history: History
             inserted_only: bool = False) -> list[dict[str, Any]]:
     """Dataset rows of one played episode: ``(observation before the turn, assistant text, turn)`` per turn.
 
-    ``off``: one row per trained turn (an untrained turn is context only, and without history a row has no other
-    context); with ``inserted_only``, only the reflective turns (``Undo``, ``Reset``): the expert turns of a
+    ``off``: one row per trained turn, system prompt + current observation + the turn; a turn that answers an
+    untrained (deliberately wrong) turn also carries that turn and its observation as context (``train: false``); with ``inserted_only``, only the reflective turns (``Undo``, ``Reset``): the expert turns of a
     reflective episode see the same states as the expert episode's rows. ``full``: one row, the last observation's
     whole history plus the last turn.
     """
@@ -269,8 +269,15 @@ def rows_of(played: Sequence[tuple[EnvObservation, str, Turn]], history: History
     for index, (obs, text, turn) in enumerate(played):
         if not turn.train or (inserted_only and turn.expert):
             continue
-        messages = [*obs.messages, _assistant(text)]
-        rows.append({"messages": dataset_messages(messages, [True]), "images": [png_bytes(i) for i in obs.images],
+        messages, flags, images = [*obs.messages, _assistant(text)], [True], list(obs.images)
+        if index and not played[index - 1][2].train:
+            # the turn answers an untrained (deliberately wrong) turn: that turn and the observation it led to stay in
+            # the row as context (``train: false``), so the sample reads wrong click → its overlay → Undo; the last
+            # observation is exactly what the policy sees at inference
+            before, wrong, _ = played[index - 1]
+            messages = [*before.messages, _assistant(wrong), *obs.messages[1:], _assistant(text)]
+            flags, images = [False, True], [*before.images, *obs.images]
+        rows.append({"messages": dataset_messages(messages, flags), "images": [png_bytes(i) for i in images],
                      "step": index})
     return rows
 
