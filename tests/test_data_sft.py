@@ -19,9 +19,9 @@ datasets = pytest.importorskip("datasets")
 from ibisagent.cli import main  # noqa: E402
 from ibisagent.data.reasoning import leaks  # noqa: E402
 from ibisagent.data.reflect import ReflectiveRatios  # noqa: E402
-from ibisagent.data.sft import build_sft, qwen_grid  # noqa: E402
+from ibisagent.data.sft import build_sft  # noqa: E402
 from ibisagent.data.trajectory import read_trajectories, write_trajectories  # noqa: E402
-from ibisagent.observation import resize_image  # noqa: E402
+from ibisagent.observation import qwen_grid, resize_image  # noqa: E402
 from ibisagent.prompts import load_prompts  # noqa: E402
 from ibisagent.protocol import parse_response  # noqa: E402
 

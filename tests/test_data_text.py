@@ -139,7 +139,7 @@ def test_docs_list_the_template_counts() -> None:
 def test_qwen_grid_is_transformers_smart_resize() -> None:
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-    from ibisagent.data.sft import qwen_grid
+    from ibisagent.observation import qwen_grid
 
     for budget in ((56 * 56, 64 * 64), (3136, 262144), (3136, 128 * 28 * 28)):
         for h in range(8, 601, 7):

@@ -15,6 +15,7 @@ Arrays are (H, W, 3) uint8 RGB images and (H, W) bool masks; sizes are ``(height
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -96,5 +97,43 @@ def to_pil(rgb: np.ndarray) -> PILImage.Image:
     return PILImage.fromarray(np.asarray(rgb, dtype=np.uint8), mode="RGB")
 
 
-__all__ = ["IMAGE_RESAMPLING", "OVERLAY_ALPHA", "TARGET_COLOURS", "observation_image", "overlay", "resize_image",
+#: Qwen2.5-VL's patch (14) × merge (2): policy-grid sides are multiples of this.
+GRID_FACTOR = 28
+#: The authors' image budget for the policy (Qwen2.5-VL smart resize), pixels.
+DEFAULT_MAX_PIXELS = 262144
+#: Qwen2.5-VL's smallest image, pixels.
+DEFAULT_MIN_PIXELS = 56 * 56
+
+
+def qwen_grid(height: int, width: int, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
+              factor: int = GRID_FACTOR) -> tuple[int, int]:
+    """The policy grid ``(h, w)`` a Qwen2.5-VL processor gives an ``height`` × ``width`` image: multiples of
+    ``factor`` (patch × merge, 28) with ``min_pixels ≤ h·w ≤ max_pixels``, the aspect ratio kept as closely as
+    possible. The one definition of the policy grid, used by the ``hf:`` and ``vllm:`` policies, the data builders
+    and training.
+
+    This is transformers' ``smart_resize`` (``models/qwen2_vl/image_processing_qwen2_vl.py``) line for line: importing
+    that module costs seconds per data worker (it pulls in torchvision), and ``tests/test_data_text.py`` checks the two
+    agree on every size up to 600 × 600 pixels.
+
+    Raises:
+        ValueError: an aspect ratio above 200 (as transformers).
+    """
+    if max(height, width) / min(height, width) > 200:
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return int(h_bar), int(w_bar)
+
+
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MIN_PIXELS", "GRID_FACTOR", "IMAGE_RESAMPLING", "OVERLAY_ALPHA", "TARGET_COLOURS", "observation_image", "overlay", "qwen_grid", "resize_image",
            "resize_mask", "to_pil"]

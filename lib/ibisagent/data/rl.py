@@ -32,19 +32,12 @@ import numpy as np
 
 from ibisagent.data.manifest import Case, CaseError, load_case, read_manifest
 from ibisagent.data.runner import Engine, prepare_work_dir, run_tasks
-from ibisagent.data.sft import (
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MIN_PIXELS,
-    dataset_messages,
-    load_tool_cached,
-    png_bytes,
-    qwen_grid,
-)
+from ibisagent.data.sft import dataset_messages, load_tool_cached, png_bytes
 from ibisagent.data.trajectory import rle_encode
 from ibisagent.env import EnvConfig, SegmentationEnv
 from ibisagent.fileio import atomic_write_text
 from ibisagent.metrics import iou
-from ibisagent.observation import resize_image
+from ibisagent.observation import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, qwen_grid, resize_image
 from ibisagent.policies.base import GenerationOptions
 from ibisagent.prompts import load_prompts
 from ibisagent.protocol import format_action

@@ -36,7 +36,6 @@ import functools
 import io
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -58,7 +57,7 @@ from ibisagent.env import EnvConfig, EnvObservation, RecordedSession, Segmentati
 from ibisagent.fileio import atomic_write_text
 from ibisagent.imaging import ImageError, load_image, slice_of, to_display_rgb
 from ibisagent.metrics import iou
-from ibisagent.observation import resize_mask
+from ibisagent.observation import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, qwen_grid, resize_mask
 from ibisagent.prompts import Prompts, load_prompts
 from ibisagent.protocol import Action, ProtocolError, Response, format_action, format_response, parse_action_line
 
@@ -66,14 +65,8 @@ log = logging.getLogger(__name__)
 
 HistoryMode = Literal["off", "full"]
 
-#: The authors' image budget for the policy (Qwen2.5-VL smart resize), pixels.
-DEFAULT_MAX_PIXELS = 262144
-#: Qwen2.5-VL's smallest image, pixels.
-DEFAULT_MIN_PIXELS = 56 * 56
 #: zlib level of the PNG images in the datasets: fast to write; the pixels are exact at any level.
 PNG_LEVEL = 1
-#: Qwen2.5-VL's patch (14) × merge (2): policy-grid sides are multiples of this.
-GRID_FACTOR = 28
 
 
 def dataset_features():  # noqa: ANN201 - datasets.Features, imported lazily
@@ -83,35 +76,6 @@ def dataset_features():  # noqa: ANN201 - datasets.Features, imported lazily
     part = {"type": datasets.Value("string"), "text": datasets.Value("string")}
     message = {"role": datasets.Value("string"), "content": [part], "train": datasets.Value("bool")}
     return datasets.Features({"messages": [message], "images": datasets.Sequence(datasets.Image())})
-
-
-def qwen_grid(height: int, width: int, min_pixels: int = DEFAULT_MIN_PIXELS,
-              max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """The policy grid ``(h, w)`` a Qwen2.5-VL processor gives an ``height`` × ``width`` image: multiples of 28 with
-    ``min_pixels ≤ h·w ≤ max_pixels``, the aspect ratio kept as closely as possible.
-
-    This is transformers' ``smart_resize`` (``models/qwen2_vl/image_processing_qwen2_vl.py``, what
-    :meth:`HFPolicy.image_size` calls) line for line: importing that module costs seconds per data worker (it pulls
-    in torchvision), and ``tests/test_data_text.py`` checks the two agree on every size up to 600 × 600 pixels.
-
-    Raises:
-        ValueError: an aspect ratio above 200 (as transformers).
-    """
-    if max(height, width) / min(height, width) > 200:
-        ratio = max(height, width) / min(height, width)
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
-    factor = GRID_FACTOR
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return int(h_bar), int(w_bar)
 
 
 @dataclass(frozen=True)
@@ -887,5 +851,5 @@ def export_llamafactory(dataset_dir: str | os.PathLike[str], out_dir: str | os.P
 
 
 __all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MIN_PIXELS", "SftOptions", "TeacherSpec", "build_sft", "dataset_features",
-           "expert_plan", "export_llamafactory", "format_stats", "play", "qwen_grid", "rows_of", "sft_case",
+           "expert_plan", "export_llamafactory", "format_stats", "play", "rows_of", "sft_case",
            "summarize"]

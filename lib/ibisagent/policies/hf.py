@@ -103,17 +103,10 @@ class HFPolicy(Policy):
 
     def image_size(self, height: int, width: int) -> tuple[int, int]:
         """The processor's own smart resize: multiples of 28 with ``min_pixels ≤ h·w ≤ max_pixels``."""
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        from ibisagent.observation import qwen_grid
 
-        return tuple(  # type: ignore[return-value]
-            smart_resize(
-                int(height),
-                int(width),
-                factor=self.patch_size * self.merge_size,
-                min_pixels=self.min_pixels,
-                max_pixels=self.max_pixels,
-            )
-        )
+        return qwen_grid(int(height), int(width), self.min_pixels, self.max_pixels,
+                         factor=self.patch_size * self.merge_size)
 
     # ------------------------------------------------------------------ inputs
 

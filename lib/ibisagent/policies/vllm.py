@@ -117,12 +117,9 @@ class VLLMPolicy(Policy):
 
     def image_size(self, height: int, width: int) -> tuple[int, int]:
         """Qwen's smart resize (multiples of 28 within the pixel budget), as vLLM's processor applies it."""
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        from ibisagent.observation import qwen_grid
 
-        return tuple(  # type: ignore[return-value]
-            smart_resize(int(height), int(width), factor=self.factor, min_pixels=self.min_pixels,
-                         max_pixels=self.max_pixels)
-        )
+        return qwen_grid(int(height), int(width), self.min_pixels, self.max_pixels, factor=self.factor)
 
     def sampling_params(self, options: GenerationOptions) -> Any:
         kwargs: dict[str, Any] = {"max_tokens": int(options.max_new_tokens), "temperature": float(options.temperature)}

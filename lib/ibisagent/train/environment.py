@@ -69,11 +69,9 @@ def loaded_case(manifest: str, case_id: str) -> Any:
 
 def policy_grid(height: int, width: int, settings: EnvSettings) -> tuple[int, int]:
     """The processor's smart resize (multiples of ``factor`` within the pixel budget), as ``hf:`` policies use."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    from ibisagent.observation import qwen_grid
 
-    h, w = smart_resize(int(height), int(width), factor=settings.factor, min_pixels=settings.min_pixels,
-                        max_pixels=settings.max_pixels)
-    return int(h), int(w)
+    return qwen_grid(int(height), int(width), settings.min_pixels, settings.max_pixels, factor=settings.factor)
 
 
 def make_env(manifest: str, case_id: str, settings: EnvSettings) -> Any:

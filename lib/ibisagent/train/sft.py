@@ -60,15 +60,13 @@ class SFTResult:
 
 def image_tokens(processor: Any, image: Any) -> int:
     """Tokens one image expands to for this processor (its smart resize, patch 14, merge 2 for Qwen2.5-VL)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    from ibisagent.observation import qwen_grid
 
     ip = processor.image_processor
     factor = int(ip.patch_size) * int(ip.merge_size)
     width, height = image.size
-    h, w = smart_resize(
-        int(height), int(width), factor=factor,
-        min_pixels=int(ip.size["shortest_edge"]), max_pixels=int(ip.size["longest_edge"]),
-    )
+    h, w = qwen_grid(int(height), int(width), int(ip.size["shortest_edge"]), int(ip.size["longest_edge"]),
+                     factor=factor)
     return (h // factor) * (w // factor)
 
 
