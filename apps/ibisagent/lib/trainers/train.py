@@ -29,7 +29,9 @@ class IbisAgentTrain(TrainTask):
     ``train_trajectories`` (SFT) or ``train_manifest`` (GRPO)."""
 
     def __init__(self, mode: str, corrections: Path, model_dir: Path, options: dict[str, Any]) -> None:
-        super().__init__(f"IBISAgent {mode.upper()} on the radiologists' corrections ({corrections.name})")
+        data = (f"the radiologists' corrections ({corrections.name}) and --conf train_trajectories" if mode == "sft"
+                else "the ground-truth manifests of --conf train_manifest")
+        super().__init__(f"IBISAgent {mode.upper()} on {data}")
         self.mode = mode
         self.corrections = corrections
         self.model_dir = model_dir
