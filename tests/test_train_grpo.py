@@ -93,4 +93,8 @@ def test_rollout_observation_images_reach_the_forward_pass(taught):
     trainer.train()
     calls = [env.calls for env in trainer.environments]
     assert sum(calls) > 0, "the taught model should take at least one action"
-    assert seen and seen[-1] == sum(1 + c for c in calls)
+    images = [env.images for env in trainer.environments]
+    assert sum(images) > 0 and all(i <= c for i, c in zip(images, calls))
+    # the prompt image of each rollout plus every overlay its actions returned (an action that ended the episode, or a
+    # malformed one answered with a repair prompt, returns no image)
+    assert seen and seen[-1] == sum(1 + i for i in images)

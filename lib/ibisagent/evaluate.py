@@ -187,8 +187,11 @@ def _noc(result: CaseResult, threshold: float, budget: int) -> float:
 def _summary(rows: Sequence[CaseResult], budget: int) -> dict[str, Any]:
     ok = [r for r in rows if r.scored]
     errors = sum(r.error is not None for r in rows)
+    # the policy metrics count every run the policy wrote turns for, failed ones included (a case that stopped
+    # unparseable is exactly where format validity and the rewards must show it)
+    policy = policy_metrics([r for r in rows if r.skipped is None])
     if not ok:
-        return {"samples": 0, "errors": errors}
+        return {"samples": 0, "errors": errors, **policy}
     ious = [float(r.iou) for r in ok]  # type: ignore[arg-type]
     out: dict[str, Any] = {
         "samples": len(ok),
@@ -203,7 +206,7 @@ def _summary(rows: Sequence[CaseResult], budget: int) -> dict[str, Any]:
     }
     for thr in NOC_THRESHOLDS:
         out[f"noc@{round(thr * 100)}"] = statistics.fmean(_noc(r, thr, budget) for r in ok)
-    out.update(policy_metrics(ok))
+    out.update(policy)
     return out
 
 
@@ -364,7 +367,8 @@ def policy_case(
     if failed is not None:  # the agent gave no usable answer: the case failed, it is not scored as its mask
         return with_errors(records, trajectory), CaseResult(
             id=case.id, modality=case.modality, steps=len({s.index for s in trajectory.steps}),
-            seconds=time.perf_counter() - start, error=f"{AGENT_STOPPED} {failed}")
+            seconds=time.perf_counter() - start, error=f"{AGENT_STOPPED} {failed}",
+            turns=policy_turn_counts(trajectory) if source == "policy" else None)
     pairs = [(trajectory.masks[n], truth[n]) for n in names]
     steps = len({s.index for s in trajectory.steps})
     targets = []

@@ -139,6 +139,7 @@ class SegmentationToolEnv:
         self.first_step = 0
         self.applied = 0
         self.calls = 0
+        self.images = 0  # observation images returned to the rollout (each reaches the training forward pass)
         self.row: dict[str, Any] = {}
         self.vqa_text: str | None = None
 
@@ -148,6 +149,7 @@ class SegmentationToolEnv:
         self.row = row
         self.applied = 0
         self.calls = 0
+        self.images = 0
         self.vqa_text = None
         self.env = make_env(row["manifest"], row["case_id"], self.settings)
         if self.env is None:
@@ -174,7 +176,9 @@ class SegmentationToolEnv:
         result = self.env.step(turn)
         if result.observation is None:
             return f"The episode has ended ({result.stop_reason})."
-        return to_content_blocks(result.observation.messages[-1])
+        blocks = to_content_blocks(result.observation.messages[-1])
+        self.images += sum(1 for b in blocks if b["type"] == "image")
+        return blocks
 
     @property
     def episode(self) -> Callable[[Any], Episode]:
