@@ -37,7 +37,7 @@ from monailabel.client import MONAILabelClient
 
 from ibisagent import __version__
 from ibisagent.metrics import iou
-from processes import free_port, stop_group
+from processes import free_port, stop_group, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_data" / "synthetic"
@@ -72,21 +72,6 @@ def _dicomweb_plugin() -> str:
 
 def _tail(path: Path, n: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(no log)"
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not ready after {timeout_s}s:\n{_tail(log)}")
-        time.sleep(0.25)
 
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -149,7 +134,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacs]:
                                 stderr=subprocess.STDOUT, cwd=base, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(f"{url}/system", proc, log, ORTHANC_READY_S, "Orthanc")
+        wait_ready(f"{url}/system", proc, log, ORTHANC_READY_S)
         plugins = requests.get(f"{url}/plugins", timeout=10).json()
         assert "dicom-web" in plugins, f"DICOMweb plugin not loaded: {plugins}\n{_tail(log)}"
         uids = []
@@ -207,7 +192,7 @@ def server(pacs: Pacs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
                                 start_new_session=True)
     srv = Server(f"http://127.0.0.1:{port}", app_dir, proc, log)
     try:
-        _wait_ready(f"{srv.url}/info/", proc, log, SERVER_READY_S, "MONAI Label server")
+        wait_ready(f"{srv.url}/info/", proc, log, SERVER_READY_S)
         yield srv
     finally:
         stop_group(proc)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, fields
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,26 @@ class RequestError(HTTPException):
         return self.message
 
 
+def conf_values(options_class: type, conf: Mapping[str, str]) -> dict[str, Any]:
+    """The fields of the dataclass ``options_class`` found in MONAI Label's string ``conf``, converted to the field's
+    type (``int``, ``float``, else ``str``); unknown keys are ignored.
+
+    Raises:
+        ValueError: a value that does not convert, naming the option.
+    """
+    values: dict[str, Any] = {}
+    for f in fields(options_class):
+        if f.name not in conf:
+            continue
+        raw = conf[f.name]
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        try:
+            values[f.name] = kind(raw)
+        except ValueError as exc:
+            raise ValueError(f"--conf {f.name} {raw!r}: expected {kind.__name__}") from exc
+    return values
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """Serving options, set with ``--conf NAME VALUE`` on the start command (listed in ``/info`` under
@@ -66,17 +87,7 @@ class ServerOptions:
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> ServerOptions:
         """Parse MONAI Label's string ``conf`` (unknown keys ignored); a bad value raises ``ValueError``."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in conf:
-                continue
-            raw = conf[f.name]
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            try:
-                values[f.name] = kind(raw)
-            except ValueError as exc:
-                raise ValueError(f"--conf {f.name} {raw!r}: expected {kind.__name__}") from exc
-        opts = cls(**values)
+        opts = cls(**conf_values(cls, conf))
         for name in ("infer_workers", "max_upload_mb"):
             if getattr(opts, name) < 1:
                 raise ValueError(f"--conf {name} must be >= 1, got {getattr(opts, name)}")

@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from fastapi import HTTPException
 
 from ibisagent.clicks import Click
 from ibisagent.imaging import Image, ImageError, display_window, load_image, num_slices, slice_of
-from ibisagent.server.limits import check_finite, check_pixels, check_voxel, result_extension
+from ibisagent.server.limits import check_finite, check_pixels, check_voxel, conf_values, result_extension
 
 logger = logging.getLogger(__name__)
 
@@ -79,17 +79,7 @@ class Options:
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> Options:
         """Parse MONAI Label's string ``conf``; unknown keys are ignored, bad values raise ``ValueError``."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in conf:
-                continue
-            raw = conf[f.name]
-            try:
-                kind = {"int": int, "float": float}.get(str(f.type), str)
-                values[f.name] = kind(raw)
-            except ValueError as exc:
-                raise ValueError(f"--conf {f.name} {raw!r}: expected a number") from exc
-        opts = cls(**values)
+        opts = cls(**conf_values(cls, conf))
         if opts.history not in ("off", "full"):
             raise ValueError(f"--conf history must be 'off' or 'full', got {opts.history!r}")
         if not opts.modality_list:
