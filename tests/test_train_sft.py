@@ -139,3 +139,15 @@ def test_sft_steps_lower_the_loss_and_the_policy_reloads(tmp_path, tiny, monkeyp
     traj = run_agent(policy, tool.encode(image), image, "Segment the lesion.", "lesion",
                      config=AgentConfig(max_steps=1))
     assert len(traj.steps) >= 1
+
+
+def test_time_decay_lowers_the_learning_rate_over_the_budget(tmp_path, tiny):
+    from ibisagent.train.config import SFTRunConfig
+    from ibisagent.train.sft import run_sft
+
+    data = write_sft_dataset(tmp_path / "data", rows=2)
+    config = SFTRunConfig(model=str(tiny), max_steps=4, learning_rate=5e-3, save_steps=10, max_seconds=120,
+                          time_decay=True)
+    result = run_sft(config, data, tmp_path / "run")
+    rates = [h["learning_rate"] for h in result.log_history if "learning_rate" in h]
+    assert len(rates) == 4 and all(0 < b < a <= 5e-3 for a, b in zip(rates, rates[1:]))
