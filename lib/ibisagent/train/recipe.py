@@ -78,6 +78,24 @@ def tokenizer_corpus(sft_data: Path, limit: int = 4000) -> list[str]:
     return lines
 
 
+def prompt_phrases(min_chars: int = 40) -> list[str]:
+    """The fixed texts every row repeats — the system prompt and the literal parts (``min_chars`` or longer) of the
+    first-turn and refinement templates, the project's and the SFT builder's library — for the recipe's tokenizer to
+    keep as one token each (:func:`ibisagent.policies.tiny.build_tiny_qwen2_5_vl`'s ``phrases``)."""
+    import string
+
+    from ibisagent.data.templates import REFINEMENT
+    from ibisagent.prompts import load_prompts
+
+    prompts = load_prompts()
+    templates = [prompts.first, prompts.first_multi, prompts.refine, prompts.refine_multi]
+    templates += [t for group in REFINEMENT.values() for t in group]
+    phrases = [prompts.system]
+    for template in templates:
+        phrases += [literal for literal, *_ in string.Formatter().parse(template) if len(literal) >= min_chars]
+    return list(dict.fromkeys(phrases))
+
+
 def _resolved_lines(manifest: Path) -> list[dict[str, Any]]:
     """The manifest's JSON lines with every path made absolute (so subsets can live elsewhere)."""
     base = manifest.resolve().parent
@@ -264,7 +282,7 @@ def run_recipe(
     if not (base / "config.json").is_file():
         build_tiny_qwen2_5_vl(base, seed=seed, hidden_size=HIDDEN_SIZE, num_layers=NUM_LAYERS, max_pixels=MAX_PIXELS,
                               corpus=tokenizer_corpus(sft_data), vocab_size=VOCAB_SIZE,
-                              vision_hidden_size=VISION_HIDDEN_SIZE)
+                              vision_hidden_size=VISION_HIDDEN_SIZE, phrases=prompt_phrases())
     timings["prepare_s"] = time.monotonic() - t0
 
     left = max(60.0, budget - (time.monotonic() - start) - EVAL_RESERVE * budget)
