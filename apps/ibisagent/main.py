@@ -155,7 +155,7 @@ class IbisAgentApp(MONAILabelApp):
 
     def info(self) -> dict[str, Any]:
         meta = super().info()
-        meta["config"] = {**meta.get("config", {}), "ibisagent": self.options.as_info(),
+        meta["config"] = {**meta.get("config", {}), "ibisagent": self.options.public_info(),
                           "server": self.server_options.as_info()}
         return meta
 
@@ -190,7 +190,9 @@ class IbisAgentApp(MONAILabelApp):
                 added, total = self._derive_corrections(image_id, label_id, client_id)
         except Exception as exc:  # the label is saved already; a failed derivation must not fail the save
             logger.exception("deriving the correction for %s failed", image_id)
-            return {"corrections_added": 0, "corrections_error": f"{type(exc).__name__}: {exc}"}
+            runtime = self.task_configs["ibisagent"].runtime  # type: ignore[attr-defined]
+            return {"corrections_added": 0,
+                    "corrections_error": runtime.paths.scrub(f"{type(exc).__name__}: {exc}")}
         result: dict[str, Any] = {"corrections_added": added, "corrections_total": total}
         every = self.options.auto_train_every
         if added and every and total // every > (total - added) // every:

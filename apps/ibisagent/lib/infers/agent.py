@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from ibisagent.server.limits import check_text
+from ibisagent.specs import public_spec
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from .common import (
@@ -97,10 +98,11 @@ class IbisAgentInfer(InferTask):
                 mask = trajectory.masks[target]
         except Exception as exc:  # a broken model or tool answers with a JSON error, not a traceback
             logger.exception("ibisagent infer failed")
-            raise bad_request(f"agent failed: {type(exc).__name__}: {exc}", 500) from exc
+            raise bad_request(self.runtime.paths.scrub(f"agent failed: {type(exc).__name__}: {exc}"), 500) from exc
 
         trajectory = per_slice[where.slice]
-        provenance = Provenance(policy=policy_spec, tool=opts.tool, person=bool(where.clicks))
+        public_policy, public_tool = public_spec(policy_spec), self.runtime.public_tool()
+        provenance = Provenance(policy=public_policy, tool=public_tool, person=bool(where.clicks))
         label_file = write_result(mask, image, where.slice, request, [target], provenance)
         key = trajectory_json(trajectory, image, where.slice)
         failed = failures((k if image.is_volume else None, t) for k, t in per_slice.items())
@@ -120,8 +122,8 @@ class IbisAgentInfer(InferTask):
             **display_json(image, where.slice),
             "user_clicks": len(where.clicks),
             "ignored_clicks": list(where.ignored),
-            "policy": policy_spec,
-            "tool": opts.tool,
+            "policy": public_policy,
+            "tool": public_tool,
             "timings": {
                 "load": round(loaded - start, 4),
                 "encode": round(encoded - loaded, 4),
@@ -143,7 +145,7 @@ class IbisAgentInfer(InferTask):
                         "user_clicks": len(where.clicks) if k == where.slice else 0,
                     }, {target: t.masks[target]})
             result["stored_for_corrections"] = True
-        return label_file, result
+        return label_file, self.runtime.paths.scrub_json(result)  # errors may quote a checkpoint or server path
 
 
 def _flag(value: Any) -> bool:
