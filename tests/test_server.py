@@ -42,6 +42,8 @@ PAUSE_S = 2.0
 SERVED_MODEL = "/srv/secret-models/m"
 SECRET_MANIFEST = "/srv/secret-data/train.jsonl"
 ANSWER = "<think>\nNothing to add.\n</think>\n<action>\nTerminate\n</action>\n<answer>\ndone\n</answer>"
+CLICK = "<think>\nThe centre.\n</think>\n<action>\nPositive Point (0.5000, 0.5000)\n</action>"
+TIME_LIMIT_S = 6
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,7 +58,8 @@ class _Backend(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode("utf-8", "replace")
-        reply = json.dumps({"choices": [{"message": {"content": ANSWER}, "finish_reason": "stop"}],
+        content = CLICK if "click" in body else ANSWER
+        reply = json.dumps({"choices": [{"message": {"content": content}, "finish_reason": "stop"}],
                             "model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
         if "drip" in body:
             self.send_response(200)
@@ -142,7 +145,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, backend: str) -> Iterator[S
     nan[3, 3, 1] = np.nan
     nib.save(nib.Nifti1Image(nan, np.eye(4)), str(studies / "nan_volume.nii.gz"))
     conf = {"policy": f"openai:{backend}#{SERVED_MODEL}", "tool": "embedded", "train_manifest": SECRET_MANIFEST, "max_steps": "1", "threads": "1",
-            "policy_timeout": str(POLICY_TIMEOUT_S), "infer_workers": "4", "max_upload_mb": "8",
+            "policy_timeout": str(POLICY_TIMEOUT_S), "time_limit": str(TIME_LIMIT_S), "infer_workers": "4", "max_upload_mb": "8",
             "max_instruction_chars": "200", "cors_origins": "http://viewer.example"}
     env = {"TMPDIR": str(tmp), "MONAI_LABEL_SESSIONS": "true", "MONAI_LABEL_SESSION_PATH": str(sessions)}
     proc, url = _start(base, studies, conf, env)
@@ -394,6 +397,19 @@ def test_info_answers_fast_while_four_infers_run(server: Server) -> None:
     assert all(j.result().status_code == 200 for j in jobs), [j.result().text for j in jobs]
     assert len(info) >= 3 and max(info) < 0.5, info
     assert wall < 3 * PAUSE_S, wall  # the four ran side by side, not one after another (4 × PAUSE_S)
+
+
+def test_time_limit_bounds_a_whole_volume_request_not_each_slice(server: Server) -> None:
+    # every policy call pauses PAUSE_S and clicks once (max_steps 1), so each slice keeps a mask and propagation
+    # would go on through the volume's 32 slices; the request must end near its time limit with the slices done
+    t0 = time.perf_counter()
+    r = server.infer("ibisagent", "ct_volume", {"instruction": "slow click: segment the liver."})
+    elapsed = time.perf_counter() - t0
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert len(result["slices"]) >= 2, result["stops"]  # it did propagate
+    assert any("request time limit" in why for why in result["stops"].values()), result["stops"]
+    assert elapsed < TIME_LIMIT_S + PAUSE_S + 4, elapsed
 
 
 def test_policy_call_has_an_overall_deadline(backend: str) -> None:

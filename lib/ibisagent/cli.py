@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def _add_agent_options(parser: argparse.ArgumentParser) -> None:
                         help="what the policy sees each step: off = current overlay only (the released checkpoint's "
                         "setting), full = the whole interleaved history")
     parser.add_argument("--prompts", type=Path, help="a TOML prompt file overriding the built-in wording")
-    parser.add_argument("--time-limit", type=float, default=None, help="wall-clock seconds per case (default: none)")
+    parser.add_argument("--time-limit", type=float, default=None, help="wall-clock seconds per case; for `segment` on a volume, all its slices together (default: none)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model turn (default: 512)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
 
@@ -375,9 +376,10 @@ def _run_segment(args: argparse.Namespace, image, policy, tool, targets, config)
     from ibisagent.volume import segment_volume, slice_rgb
 
     if image.is_volume:
+        deadline = time.monotonic() + args.time_limit if args.time_limit is not None else None  # the whole volume
         result = segment_volume(policy, tool, image, args.prompt, targets, key_slice=args.slice,
                                 slice_range=tuple(args.range) if args.range else None, config=config,
-                                prompts=_prompts(args), propagation=args.propagation)
+                                prompts=_prompts(args), propagation=args.propagation, deadline=deadline)
         runs = sorted(result.slices.items())
         masks, key = result.masks, result.key_slice
         summary = (f"key slice {key}; {len(result.slices)} slices visited; "

@@ -60,6 +60,7 @@ class IbisAgentInfer(InferTask):
 
         start = time.perf_counter()
         opts = self.runtime.options
+        deadline = time.monotonic() + opts.time_limit  # one deadline for the whole request, all slices together
         policy_spec = self.runtime.policy_spec()  # a finished train run may have published a new policy
         instruction = request.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
@@ -82,13 +83,14 @@ class IbisAgentInfer(InferTask):
                 initial = {target: predict_in_order(session, list(where.clicks)).mask}
             policy = self.runtime.policy()
             config = AgentConfig(max_steps=max_steps, history=opts.history,  # type: ignore[arg-type]
-                                 time_limit=opts.time_limit)
+                                 time_limit=max(0.0, deadline - time.monotonic()))
+            stops = None
             if image.is_volume and _flag(request.get("propagate", True)):
                 volume = segment_volume(policy, self.runtime.tool(), image, instruction, [target],
                                         key_slice=where.slice, config=config, initial_masks=initial,
-                                        key_session=session)
+                                        key_session=session, deadline=deadline)
                 per_slice = dict(sorted(volume.slices.items()))
-                mask = volume.masks[target]
+                mask, stops = volume.masks[target], volume.stops
             else:
                 trajectory = run_agent(policy, session, rgb, instruction, [target], config=config,
                                        initial_masks=initial)
@@ -114,6 +116,7 @@ class IbisAgentInfer(InferTask):
             "steps": key["steps"],
             "slices": {str(k): trajectory_json(t, image, k) for k, t in per_slice.items()}
             if image.is_volume else None,
+            "stops": stops,
             "answer": trajectory.answer,
             "stop_reason": trajectory.stop_reason,
             "error": last_error(trajectory),

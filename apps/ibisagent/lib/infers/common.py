@@ -72,7 +72,9 @@ class Options:
     policy_timeout: float = 120.0
     """Overall seconds one call of a remote (``openai:``) policy may take, retries and slow replies included."""
     time_limit: float = 600.0
-    """Wall-clock seconds of one agent trajectory (one slice); also bounds a remote policy call in progress."""
+    """Wall-clock seconds of one agent request, counted from its arrival: the key slice and every propagated slice
+    together (each slice gets the time left; propagation stops when none is left, keeping the slices done); also
+    bounds a remote policy call in progress."""
     max_instruction_chars: int = 500
     """Longest instruction or target name a request may send (longer: 413)."""
     max_pixels: int = 64_000_000
