@@ -248,7 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from ibisagent.evaluate import run_policy
 
-        policy = _load_policy(args.policy, args.device)
+        policy = _load_policy(args.policy, args.device, progress=not args.no_progress)
         records, results = run_policy(args.manifest, policy, _load_tool(args.tool, args.device),
                                       _agent_config(args, args.max_turns), prompts=_prompts(args),
                                       progress=not args.no_progress)
@@ -274,7 +274,7 @@ def _prompts(args: argparse.Namespace):  # noqa: ANN202 - Prompts | None
     return load_prompts(args.prompts) if args.prompts else None
 
 
-def _load_policy(spec: str | None, device: str):  # noqa: ANN202 - Policy
+def _load_policy(spec: str | None, device: str, progress: bool = True):  # noqa: ANN202 - Policy
     from ibisagent.policies import load_policy
 
     from ibisagent.policies import has_bundled_policy
@@ -288,7 +288,8 @@ def _load_policy(spec: str | None, device: str):  # noqa: ANN202 - Policy
         log.warning("no --policy given and no bundled policy installed: using the offline tiny Qwen2.5-VL, which is "
                     "UNTRAINED (it wires the loop, it does not segment)")
         spec = "tiny"
-    return load_policy(spec, device=None if device == "cpu" and spec in ("tiny", "bundled") else device)
+    return load_policy(spec, device=None if device == "cpu" and spec in ("tiny", "bundled") else device,
+                       progress=progress)
 
 
 def _output_paths(out: Path, targets: Sequence[str]) -> dict[str, Path]:
@@ -459,7 +460,7 @@ def _demo_agent(args: argparse.Namespace, out: Path) -> int:
     from ibisagent.evaluate import AGENT_STOPPED, format_table, run_policy, write_results
     from ibisagent.policies.base import GenerationOptions
 
-    policy = _load_policy(args.policy, args.device)
+    policy = _load_policy(args.policy, args.device, progress=not args.no_progress)
     config = AgentConfig(max_steps=args.agent_steps, options=GenerationOptions(max_new_tokens=160))
     records, results = run_policy(args.manifest, policy, _load_tool(args.tool, args.device), config,
                                   progress=not args.no_progress)
@@ -561,7 +562,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         result = run_sft(load_config(SFTRunConfig, args.config, overrides), args.data, args.out,
                          resume=not args.no_resume)
-        print(f"policy: {result.policy}  ({result.rows} rows trained, {len(result.skipped)} skipped)")
+        print(f"policy: {result.policy}  (dataset: {result.summary()})")
         return 0
     from ibisagent.train.grpo import run_grpo
 
