@@ -541,6 +541,8 @@ def cmd_build_rl(args: argparse.Namespace) -> int:
     lines.append("| **all** | " + " | ".join(str(n) for n in stats["rows"].values()) + " |")
     print("\n".join(lines))
     print(f"\nparquet → {args.out}; {stats['skipped']} case(s) skipped (reasons in {args.out / 'report.jsonl'})")
+    for mode, why in stats["empty"].items():
+        print(f"no {mode}.parquet: {why}")
     return 0
 
 
