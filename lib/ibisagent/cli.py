@@ -65,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loop_options(p)
     _add_agent_options(p)
 
-    p = sub.add_parser("segment", help="segment a 2D image or a volume with the agent (think → click → observe)")
+    p = sub.add_parser(
+        "segment", help="segment a 2D image or a volume with the agent (think → click → observe)",
+        epilog="Exit status: 0 when every target got a mask, or its mask is empty because the agent answered that it "
+        "is absent (naming it, or a bare 'not present'; a note on stderr says so); 1 when the agent failed (no usable "
+        "answer, a failing policy or tool) or left a target's mask empty without saying it is absent (stderr names "
+        "the target, the stop reason and the answer; the mask is written either way); 2 for bad usage.")
     p.add_argument("image", type=Path, help="PNG/JPEG, NIfTI/NRRD, DICOM file or DICOM series folder")
     p.add_argument("--prompt", required=True, help='the instruction, e.g. "Segment the liver."')
     p.add_argument("--target", action="append",
@@ -274,6 +279,13 @@ def _prompts(args: argparse.Namespace):  # noqa: ANN202 - Prompts | None
     return load_prompts(args.prompts) if args.prompts else None
 
 
+def _default_policy() -> str:
+    """The policy used without ``--policy``: ``bundled``, or ``tiny`` in an installation without it."""
+    from ibisagent.policies import has_bundled_policy
+
+    return "bundled" if has_bundled_policy() else "tiny"
+
+
 def _load_policy(spec: str | None, device: str, progress: bool = True):  # noqa: ANN202 - Policy
     from ibisagent.policies import load_policy
 
@@ -323,7 +335,7 @@ def _write_masks(masks: dict[str, object], image, out: Path, targets: Sequence[s
 def cmd_segment(args: argparse.Namespace) -> int:
     from ibisagent.data.trajectory import TrajectoryRecord, write_trajectories
     from ibisagent.imaging import ImageError, Provenance, check_mask_output, display_window, load_image, slice_of
-    from ibisagent.outcome import failures, with_errors
+    from ibisagent.outcome import empty_mask_notes, failures, with_errors
     from ibisagent.policies.base import PolicyError
     from ibisagent.protocol import target_names
     from ibisagent.render import render_trajectory
@@ -338,7 +350,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     policy = _load_policy(args.policy, args.device)
     tool = _load_tool(args.tool, args.device)
     config = _agent_config(args, args.max_steps)
-    provenance = Provenance(policy=args.policy or "tiny", tool=args.tool, person=False)
+    provenance = Provenance(policy=args.policy or _default_policy(), tool=args.tool, person=False)
     try:
         runs, masks, key, summary = _run_segment(args, image, policy, tool, targets, config)
     except PolicyError:
@@ -367,7 +379,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     failed = failures((k if image.is_volume else None, t) for k, t in runs)
     for why in failed:
         print(f"ibisagent: the agent failed: {why}", file=sys.stderr)
-    return 1 if failed else 0
+    empty = empty_mask_notes(masks, dict(runs)[key], targets)  # the key slice's answer speaks for the volume
+    for _, text in empty.values():
+        print(f"ibisagent: {text}", file=sys.stderr)
+    unexplained = [name for name, (explained, _) in empty.items() if not explained]
+    return 1 if failed or unexplained else 0
 
 
 def _run_segment(args: argparse.Namespace, image, policy, tool, targets, config):  # noqa: ANN001, ANN202
