@@ -237,10 +237,14 @@ def load_request_image(path: str, modality: str | None = None, max_pixels: int |
 
 
 def request_result_extension(request: dict[str, Any], image: Image) -> str:
-    """The result file type the request asks for, checked against the image before any work (400 otherwise)."""
+    """The result file type the request asks for, checked against the image before any work (400 otherwise); when it
+    asks for none, ``.nii.gz``, or ``.nrrd`` on a gantry-tilted (sheared) grid."""
+    from ibisagent.imaging.masks import is_sheared
+
     source = str(image.source)
     return result_extension(request.get("result_extension"), is_volume=image.is_volume,
-                            is_dicom=os.path.isdir(source) or source.lower().endswith(".dcm"))
+                            is_dicom=os.path.isdir(source) or source.lower().endswith(".dcm"),
+                            sheared=image.is_volume and is_sheared(image.geometry.source_affine))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,9 +330,9 @@ def slice_or_none(image: Image, k: int) -> int | None:
 def write_result(mask: np.ndarray, image: Image, k: int, request: dict[str, Any], label_names: list[str],
                  provenance: Any = None) -> str:
     """Write a (Z, Y, X) volume mask, or the (H, W) mask of slice ``k``, in the image's geometry, in the requested
-    ``result_extension`` (``.nii.gz`` default, ``.nii``, ``.nrrd``, ``.png`` for 2D, ``.dcm`` DICOM-SEG for DICOM
-    sources, with ``provenance``), through the library's one writer. Returns the path of a new temporary file (MONAI
-    Label deletes it after sending)."""
+    ``result_extension`` (default ``.nii.gz``, ``.nrrd`` on a sheared grid; also ``.nii``, ``.png`` for 2D, ``.dcm``
+    DICOM-SEG for DICOM sources, with ``provenance``), through the library's one writer. Returns the path of a new
+    temporary file (MONAI Label deletes it after sending)."""
     from ibisagent.imaging import save_mask_like
 
     ext = request_result_extension(request, image)
