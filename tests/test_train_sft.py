@@ -156,3 +156,15 @@ def test_rows_fed_counts_what_the_steps_went_through(steps, rows, batch, accum, 
     from ibisagent.train.sft import rows_fed
 
     assert rows_fed(steps, rows, batch, accum, world) == fed
+
+
+def test_time_decay_lowers_the_learning_rate_over_the_budget(tmp_path, tiny):
+    from ibisagent.train.config import SFTRunConfig
+    from ibisagent.train.sft import run_sft
+
+    data = write_sft_dataset(tmp_path / "data", rows=2)
+    config = SFTRunConfig(model=str(tiny), max_steps=4, learning_rate=5e-3, save_steps=10, max_seconds=120,
+                          time_decay=True)
+    result = run_sft(config, data, tmp_path / "run")
+    rates = [h["learning_rate"] for h in result.log_history if "learning_rate" in h]
+    assert len(rates) == 4 and all(0 < b < a <= 5e-3 for a, b in zip(rates, rates[1:]))

@@ -149,11 +149,12 @@ def _train_tokenizer(extra_corpus: Sequence[str] = (), vocab_size: int = _VOCAB_
 
 def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0, *, hidden_size: int = 64,
                           num_layers: int = 2, max_pixels: int = TINY_MAX_PIXELS, corpus: Sequence[str] = (),
-                          vocab_size: int = _VOCAB_SIZE) -> Path:
+                          vocab_size: int = _VOCAB_SIZE, vision_hidden_size: int = 32) -> Path:
     """Write a tiny random Qwen2.5-VL model directory (model, tokenizer, processor, chat template) to ``out_dir``.
 
     Deterministic given ``seed``; a few hundred kB at the defaults; builds in about a second on CPU. ``hidden_size``
-    (a multiple of 16) and ``num_layers`` size the language model (the training recipe uses a larger one),
+    (a multiple of 16) and ``num_layers`` size the language model, ``vision_hidden_size`` (a multiple of 16) the
+vision tower's width (the training recipe uses larger ones),
     ``max_pixels`` the image budget; ``corpus`` adds text the tokenizer is trained on (the prompt wording, the
     instructions: fewer tokens per turn) within ``vocab_size``. Returns ``out_dir``.
     """
@@ -194,6 +195,8 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0, *, hid
     text_hidden = int(hidden_size)
     if text_hidden % 16:
         raise ValueError(f"hidden_size must be a multiple of 16, got {hidden_size}")
+    if int(vision_hidden_size) % 16:
+        raise ValueError(f"vision_hidden_size must be a multiple of 16, got {vision_hidden_size}")
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": vocab,
@@ -213,9 +216,9 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0, *, hid
         },
         vision_config={
             "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
+            "hidden_size": int(vision_hidden_size),
+            "intermediate_size": 2 * int(vision_hidden_size),
+            "num_heads": int(vision_hidden_size) // 16,
             "in_channels": 3,
             "patch_size": 14,
             "spatial_merge_size": 2,

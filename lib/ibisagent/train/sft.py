@@ -191,6 +191,7 @@ def run_sft(
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         warmup_steps=config.warmup_ratio,
+        lr_scheduler_type="constant_with_warmup" if config.time_decay else "linear",
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
@@ -207,7 +208,7 @@ def run_sft(
         train_dataset=train,
         processing_class=processor,
         peft_config=lora_config(config.lora) if config.lora.enabled else None,
-        callbacks=trainer_callbacks(out, config.max_seconds, "loss"),
+        callbacks=trainer_callbacks(out, config.max_seconds, "loss", config.time_decay),
     )
     checkpoint = last_checkpoint(out) if resume else None
     if checkpoint:
