@@ -230,6 +230,13 @@ def test_info_and_replies_never_show_checkpoint_paths_or_the_policy_server(serve
     assert r.json()["policy"] == "openai:m" and r.json()["tool"] == "embedded"
 
 
+def test_an_empty_mask_comes_with_a_note_saying_whether_the_agent_called_the_target_absent(server: Server) -> None:
+    r = server.infer("ibisagent", "ct_abdomen", {"instruction": "Segment the liver."})  # the backend answers "done"
+    assert r.status_code == 200, r.text
+    empty = r.json()["empty_mask"]
+    assert empty["explained"] is False and "'liver' is empty" in empty["note"] and "'done'" in empty["note"], empty
+
+
 def test_a_missing_checkpoint_is_named_without_its_server_path(tmp_path: Path) -> None:
     studies = tmp_path / "studies"
     studies.mkdir()

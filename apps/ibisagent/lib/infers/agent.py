@@ -54,7 +54,7 @@ class IbisAgentInfer(InferTask):
         from ibisagent.agent import AgentConfig, run_agent
         from ibisagent.clicks import predict_in_order
         from ibisagent.imaging import Provenance
-        from ibisagent.outcome import failures, last_error, trajectory_json
+        from ibisagent.outcome import empty_mask_notes, failures, last_error, trajectory_json
         from ibisagent.protocol import target_names
         from ibisagent.volume import segment_volume, slice_rgb
 
@@ -108,6 +108,7 @@ class IbisAgentInfer(InferTask):
         label_file = write_result(mask, image, where.slice, request, [target], provenance)
         key = trajectory_json(trajectory, image, where.slice)
         failed = failures((k if image.is_volume else None, t) for k, t in per_slice.items())
+        empty = empty_mask_notes({target: mask}, trajectory, [target]).get(target)  # never a silent empty mask
         result: dict[str, Any] = {
             "label_names": {target: 1},
             "instruction": instruction,
@@ -122,6 +123,7 @@ class IbisAgentInfer(InferTask):
             "error": last_error(trajectory),
             "failed": bool(failed),
             "failures": failed,
+            "empty_mask": {"explained": empty[0], "note": empty[1]} if empty else None,
             **display_json(image, where.slice),
             "user_clicks": len(where.clicks),
             "ignored_clicks": list(where.ignored),
