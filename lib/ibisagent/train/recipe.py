@@ -191,7 +191,7 @@ def evaluate_policy(policy_dir: Path, test_manifest: Path, out: Path, tool_spec:
     from ibisagent.policies.base import GenerationOptions
     from ibisagent.tools import load_tool
 
-    policy = load_policy(f"hf:{policy_dir}", device="cpu")
+    policy = load_policy(f"hf:{policy_dir}", device="cpu", progress=progress)
     tool = load_tool(tool_spec)
     config = AgentConfig(max_steps=max_steps, options=GenerationOptions(max_new_tokens=160))
     records, results = run_policy(test_manifest, policy, tool, config, progress=progress)
