@@ -1,6 +1,7 @@
 """A real-MRI train/test manifest pair for tuning the training recipe (``ibisagent train tiny``).
 
-Writes ``OUT/train.jsonl`` and ``OUT/test.jsonl`` (PNG images and masks under ``OUT/images``): slices of the real
+Writes ``OUT/train.jsonl``, ``OUT/test.jsonl`` and both together in ``OUT/all.jsonl`` (PNG images and masks under
+``OUT/images``): slices of the real
 MR volumes that ship inside installed packages, with whole brain, white matter, grey matter and absent-target cases.
 The MNI152 template is reserved for held-out evaluation and is not used. Sources:
 
@@ -115,6 +116,7 @@ def write_set(out: Path, size: int = SIZE) -> tuple[int, int]:
             "instruction": f"Segment the {absent}.", "targets": [{"name": absent, "mask": None}]}))
     for split, rows in lines.items():
         (out / f"{split}.jsonl").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    (out / "all.jsonl").write_text("".join(r + "\n" for r in lines["train"] + lines["test"]), encoding="utf-8")
     return len(lines["train"]), len(lines["test"])
 
 

@@ -132,13 +132,25 @@ def reward_functions() -> list[Any]:
     return list(REWARD_FUNCTIONS)
 
 
-def grpo_args(config: GRPORunConfig, out: Path) -> Any:
-    """trl ``GRPOConfig`` for a run config."""
+def vision_token_ids(processor: Any) -> list[int]:
+    """Ids of the vision placeholder tokens (``<|image_pad|>``, ``<|video_pad|>``, ``<|vision_start|>``,
+    ``<|vision_end|>``) a policy must never write: one sampled into a rollout no longer matches the images and breaks
+    the training forward pass (trl suppresses only the image pad)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    names = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    ids = [tokenizer.convert_tokens_to_ids(name) for name in names]
+    return sorted({int(i) for i in ids if i is not None and i != tokenizer.unk_token_id})
+
+
+def grpo_args(config: GRPORunConfig, out: Path, processor: Any = None) -> Any:
+    """trl ``GRPOConfig`` for a run config (with ``processor``: its vision tokens are suppressed in generation)."""
     from trl import GRPOConfig
 
     from ibisagent.rewards import RewardWeights
 
     kwargs: dict[str, Any] = {}
+    if not config.use_vllm and processor is not None:
+        kwargs["generation_kwargs"] = {"suppress_tokens": vision_token_ids(processor)}
     if config.use_vllm:
         kwargs.update(use_vllm=True, vllm_mode=config.vllm_mode,
                       vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization)
@@ -182,7 +194,7 @@ def make_trainer(config: GRPORunConfig, rows: list[dict[str, Any]], out: Path, m
     return GRPOTrainer(
         model=model,
         reward_funcs=reward_functions(),
-        args=grpo_args(config, out),
+        args=grpo_args(config, out, processor),
         train_dataset=Dataset.from_list(rows),
         processing_class=processor,
         peft_config=lora_config(config.lora) if config.lora.enabled else None,

@@ -50,11 +50,11 @@ HOLDOUT = 0.2
 #: a tiny policy trained on a few dozen images learns their click positions instead of reading the image.
 CASES_PER_MINUTE = 30
 MAX_VARIANTS = 20
-#: The small model: language hidden size and layers (≈1.7 M parameters), the image budget (168 × 168 px, 36 tokens).
+#: The small model: language hidden size and layers (≈1.7 M parameters), the image budget (224 × 224 px, 64 tokens).
 HIDDEN_SIZE = 192
 NUM_LAYERS = 4
 VISION_HIDDEN_SIZE = 64
-MAX_PIXELS = 168 * 168
+MAX_PIXELS = 224 * 224
 #: Vocabulary of the tokenizer trained on the fly (on the prompt wording and the SFT data's text).
 VOCAB_SIZE = 3072
 #: GRPO: peak learning rate (decayed to 0 over its time) and executed actions per rollout.
