@@ -164,19 +164,6 @@ LOCAL_SCALE = 10.0
 #: With a weak group, every seed disk shrinks to this radius: the edge detector cannot see a faint boundary, so
 #: disks sized by it would cross it (a boundary click would claim the other side).
 WEAK_SEED_RADIUS = 1
-#: Coarse-to-fine graph cut (:func:`graph_cut`): regions of interest of at least COARSE_MIN_PIXELS are cut first on a
-#: grid downsampled by COARSE_FACTOR, then re-cut at full resolution in a band: BAND_RADIUS px around the coarse
-#: boundary, plus DISAGREE_RADIUS px around every pixel whose own unary disagrees with the coarse label (thin
-#: curves and small islands the coarse grid averaged away). The band is cut as a mosaic of BAND_TILE px tiles.
-#: When the band's tiles exceed BAND_MAX_FRACTION of the region, the whole region is cut at full resolution instead.
-COARSE_FACTOR = 2
-COARSE_MIN_PIXELS = 160 * 160
-BAND_RADIUS = 3
-DISAGREE_RADIUS = 1
-DISAGREE_MIN_UNARY = 0.0
-BAND_PASSES = 2
-BAND_TILE = 8
-BAND_MAX_FRACTION = 0.6
 #: Per-session memo of per-click geodesic distances (entries), cleared when full.
 GEO_CACHE_SIZE = 512
 
@@ -456,17 +443,30 @@ def compute_features(image: np.ndarray, max_size: int = WORK_MAX_SIZE) -> _Featu
 
 
 def _seed_radius(click: Click, edge_distance: np.ndarray) -> int:
-    return int(np.clip(SEED_EDGE_FRACTION * edge_distance[click.y, click.x], SEED_MIN_RADIUS, SEED_MAX_RADIUS))
+    return int(min(max(SEED_EDGE_FRACTION * float(edge_distance[click.y, click.x]), SEED_MIN_RADIUS), SEED_MAX_RADIUS))
+
+
+def _disk(radius: int) -> np.ndarray:
+    """(2r + 1, 2r + 1) bool disk of integer ``radius`` (pixels whose centre is within it)."""
+    yy, xx = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    disk = yy**2 + xx**2 <= radius * radius
+    disk.flags.writeable = False
+    return disk
+
+
+#: The seed disks of every radius a click can get (read only).
+_DISKS = tuple(_disk(r) for r in range(SEED_MAX_RADIUS + 1))
 
 
 def click_disk(click: Click, edge_distance: np.ndarray) -> tuple[tuple[slice, slice], np.ndarray]:
-    """The seed disk of one click: its bounding box in the work grid and the (h, w) bool disk inside it."""
+    """The seed disk of one click: its bounding box in the work grid and the (h, w) bool disk inside it
+    (a read-only view: copy before writing)."""
     shape = edge_distance.shape
     radius = _seed_radius(click, edge_distance)
     y0, y1 = max(click.y - radius, 0), min(click.y + radius + 1, shape[0])
     x0, x1 = max(click.x - radius, 0), min(click.x + radius + 1, shape[1])
-    yy, xx = np.ogrid[y0:y1, x0:x1]
-    return (slice(y0, y1), slice(x0, x1)), (yy - click.y) ** 2 + (xx - click.x) ** 2 <= radius * radius
+    oy, ox = click.y - radius, click.x - radius
+    return (slice(y0, y1), slice(x0, x1)), _DISKS[radius][y0 - oy : y1 - oy, x0 - ox : x1 - ox]
 
 
 def seed_masks(
@@ -672,125 +672,6 @@ def _seed_cells(click: Click, edge_distance: np.ndarray, factor: int) -> list[tu
     return sorted({(int(y), int(x)) for y, x in zip(ys, xs)})
 
 
-def _hard_prob(u: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """Foreground probability sigmoid(u), float32, with seeds as hard constraints."""
-    p_fg = (1.0 / (1.0 + np.exp(-u))).astype(np.float32)
-    p_fg[pos] = 1.0 - HARD_EPS
-    p_fg[neg] = HARD_EPS
-    return p_fg
-
-
-def _maxflow(cut: np.ndarray, p_fg: np.ndarray, sigma: float) -> np.ndarray:
-    """Min cut of the 4-connected contrast-sensitive graph (``numpymaxflow.maxflow``, smoothness CUT_LAMBDA)."""
-    prob = np.stack([1.0 - p_fg, p_fg]).astype(np.float32)
-    return numpymaxflow.maxflow(np.ascontiguousarray(cut, dtype=np.float32), prob, CUT_LAMBDA, sigma, 4)[0] > 0
-
-
-def _boundary(label: np.ndarray) -> np.ndarray:
-    """Pixels with a 4-neighbour of the other label, (h, w) bool."""
-    out = np.zeros(label.shape, bool)
-    dy = label[1:] != label[:-1]
-    dx = label[:, 1:] != label[:, :-1]
-    out[1:] |= dy
-    out[:-1] |= dy
-    out[:, 1:] |= dx
-    out[:, :-1] |= dx
-    return out
-
-
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Dilation of an (h, w) bool mask by a disk of ``radius`` px (``cv2.dilate``)."""
-    if radius <= 0:
-        return mask
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    return cv2.dilate(mask.astype(np.uint8), kernel) > 0
-
-
-def band_cut(cut: np.ndarray, p_fg: np.ndarray, label0: np.ndarray, band: np.ndarray, sigma: float) -> np.ndarray:
-    """Re-cut ``band`` at full resolution with everything outside it fixed to ``label0``; (h, w) bool.
-
-    The band's BAND_TILE px tiles, each with a one-pixel halo fixed to ``label0`` (hard constraints: a fixed
-    neighbour acts on a border pixel exactly as in the whole-image graph), are stacked into one mosaic and cut by
-    one max-flow call; a halo pixel outside the image gets an intensity that makes its edge weight 0. Between
-    band pixels of two different tiles the edge is replaced by each side's edge to the other's ``label0``.
-    """
-    h, w = label0.shape
-    t = BAND_TILE
-    ty, tx = -(-h // t), -(-w // t)
-    pad_h, pad_w = ty * t + 2, tx * t + 2
-    hard0 = np.where(label0, 1.0 - HARD_EPS, HARD_EPS).astype(np.float32)
-    prob = np.full((pad_h, pad_w), HARD_EPS, np.float32)
-    prob[1 : h + 1, 1 : w + 1] = np.where(band, p_fg, hard0)
-    fixed = np.full((pad_h, pad_w), HARD_EPS, np.float32)
-    fixed[1 : h + 1, 1 : w + 1] = hard0
-    image = np.full((cut.shape[0], pad_h, pad_w), 1e4, np.float32)
-    image[:, 1 : h + 1, 1 : w + 1] = cut
-    active = np.zeros((ty * t, tx * t), bool)
-    active[:h, :w] = band
-    iy, ix = np.nonzero(active.reshape(ty, t, tx, t).any(axis=(1, 3)))
-    if iy.size == 0:
-        return label0.copy()
-    if iy.size * (t + 2) ** 2 > BAND_MAX_FRACTION * h * w:
-        return None
-    win = (t + 2, t + 2)
-    tiles_p = np.lib.stride_tricks.sliding_window_view(prob, win)[iy * t, ix * t].copy()
-    tiles_f = np.lib.stride_tricks.sliding_window_view(fixed, win)[iy * t, ix * t]
-    for edge in ((slice(None), 0), (slice(None), -1), (slice(None), slice(None), 0), (slice(None), slice(None), -1)):
-        tiles_p[edge] = tiles_f[edge]
-    tiles_c = np.lib.stride_tricks.sliding_window_view(image, win, axis=(1, 2))[:, iy * t, ix * t]
-    n = iy.size
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = -(-n // cols)
-    spare = rows * cols - n
-    if spare:
-        tiles_p = np.concatenate([tiles_p, np.full((spare, *win), HARD_EPS, np.float32)])
-        tiles_c = np.concatenate([tiles_c, np.full((cut.shape[0], spare, *win), 1e4, np.float32)], axis=1)
-    side = (rows * win[0], cols * win[1])
-    mosaic_p = tiles_p.reshape(rows, cols, *win).transpose(0, 2, 1, 3).reshape(side)
-    mosaic_c = tiles_c.reshape(cut.shape[0], rows, cols, *win).transpose(0, 1, 3, 2, 4).reshape(cut.shape[0], *side)
-    lab = _maxflow(mosaic_c, mosaic_p, sigma).reshape(rows, win[0], cols, win[1]).transpose(0, 2, 1, 3)
-    lab = lab.reshape(rows * cols, *win)[:n, 1:-1, 1:-1]
-    out = np.zeros((ty, t, tx, t), bool)
-    out.reshape(ty * t, tx * t)[:h, :w] = label0
-    out[iy, :, ix, :] = lab
-    return out.reshape(ty * t, tx * t)[:h, :w]
-
-
-def graph_cut(cut: np.ndarray, u: np.ndarray, pos: np.ndarray, neg: np.ndarray, sigma: float) -> np.ndarray:
-    """Foreground of the contrast-sensitive graph cut, (h, w) bool; coarse-to-fine on large regions.
-
-    Args:
-        cut: (C, h, w) float32 contrast image; u: (h, w) unary log-odds; pos / neg: (h, w) bool hard seeds;
-        sigma: contrast sigma in ``cut`` units.
-
-    Regions of at least COARSE_MIN_PIXELS: the cut on a grid downsampled by COARSE_FACTOR (block-mean contrast,
-    unary COARSE_FACTOR x the block mean: a coarse cell holds COARSE_FACTOR^2 pixels and a coarse edge
-    COARSE_FACTOR pixel edges, so the unary-to-smoothness ratio is kept), then :func:`band_cut` at full
-    resolution on the band around its boundary and around pixels whose own unary disagrees with it (thin curves,
-    small islands). Smaller regions, or bands over BAND_MAX_FRACTION of the region: one full-resolution cut.
-    """
-    p_fg = _hard_prob(u, pos, neg)
-    h, w = u.shape
-    if COARSE_FACTOR <= 1 or h * w < COARSE_MIN_PIXELS:
-        return _maxflow(cut, p_fg, sigma)
-    k = COARSE_FACTOR
-    pos_c, neg_c = _block_max(pos, k), _block_max(neg, k)
-    p_c = _hard_prob(k * _block_mean(u, k), pos_c & ~neg_c, neg_c & ~pos_c)
-    cut_c = np.stack([_block_mean(ch, k) for ch in cut])
-    coarse = _maxflow(cut_c, p_c, sigma)
-    label = np.repeat(np.repeat(coarse, k, axis=0), k, axis=1)[:h, :w]
-    for _ in range(BAND_PASSES):
-        disagree = np.where(label, u < -DISAGREE_MIN_UNARY, u > DISAGREE_MIN_UNARY)
-        band = _dilate(_boundary(label), BAND_RADIUS) | _dilate(disagree, DISAGREE_RADIUS)
-        new = band_cut(cut, p_fg, label, band, sigma)
-        if new is None:
-            return _maxflow(cut, p_fg, sigma)
-        if np.array_equal(new, label):
-            break
-        label = new
-    return label
-
-
 def keep_clicked_components(mask: np.ndarray, pos: np.ndarray, fallback: np.ndarray | None) -> np.ndarray:
     """Keep the 8-connected components of ``mask`` touching a positive seed (else those touching ``fallback``)."""
     n, lab, _ = label8(mask)
@@ -974,8 +855,12 @@ class _GridSession(ImageSession):
         roi = cut_roi(unary, anchor) if anchor.any() else None
         box = roi if roi is not None else (slice(0, shape[0]), slice(0, shape[1]))
         u = unary[box]
+        p_fg = 1.0 / (1.0 + np.exp(-u))
+        p_fg[pos[box]] = 1.0 - HARD_EPS
+        p_fg[neg[box]] = HARD_EPS
+        prob = np.stack([1.0 - p_fg, p_fg]).astype(np.float32)
         cut = np.ascontiguousarray(f.cut_image[(slice(None), *box)])
-        label = graph_cut(cut, u, pos[box], neg[box], f.cut_sigma)
+        label = numpymaxflow.maxflow(cut, prob, CUT_LAMBDA, f.cut_sigma, 4)[0] > 0
         mask = np.zeros(shape, bool)
         mask[box] = keep_clicked_components(label, pos[box], prior_mask[box] if prior_mask is not None else None)
         magnitude = np.maximum(np.abs(unary), LOGIT_MARGIN)
