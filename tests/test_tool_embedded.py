@@ -380,3 +380,19 @@ def test_thin_curve_in_a_large_grey_image_gets_the_full_resolution_answer(monkey
     monkeypatch.setattr(embedded, "WORK_MAX_SIZE", 256)  # everything on the half-resolution grid
     coarse, _ = run()
     assert two_grids == full > coarse + 0.1
+
+
+def test_geodesic_graph_distances_equal_mcp_geometric():
+    """Shortest distances on :func:`geodesic_graph` are scikit-image's MCP_Geometric cumulative costs."""
+    from scipy.sparse.csgraph import dijkstra
+    from skimage.graph import MCP_Geometric
+
+    from ibisagent.tools.embedded import geodesic_graph
+
+    rng = np.random.default_rng(8)
+    for shape in [(40, 57), (1, 9), (23, 1)]:
+        cost = 0.05 + ndimage.gaussian_filter(rng.random(shape), 1.0)
+        starts = [(int(rng.integers(shape[0])), int(rng.integers(shape[1]))) for _ in range(3)]
+        expected, _ = MCP_Geometric(cost).find_costs(starts)
+        got = dijkstra(geodesic_graph(cost), indices=np.ravel_multi_index(np.array(starts).T, shape), min_only=True)
+        np.testing.assert_allclose(got.reshape(shape), expected, rtol=1e-9, atol=1e-12)
