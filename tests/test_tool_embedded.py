@@ -323,9 +323,12 @@ def test_opencv_filters_match_scipy_and_skimage():
     """The OpenCV versions of the per-image filters give scipy's / scikit-image's values (same kernels, borders)."""
     from skimage import filters
 
-    from ibisagent.tools.embedded import distance_to, gaussian, label8, sobel_magnitude, upsample
+    from ibisagent.tools.embedded import distance_to, gaussian, label8, lookup, sobel_magnitude, upsample
 
     rng = np.random.default_rng(5)
+    for n in (64, 256):
+        table, bins = rng.normal(size=n), rng.integers(0, n, (31, 45)).astype(np.uint8)
+        np.testing.assert_array_equal(lookup(table, bins), table.astype(np.float32)[bins])
     for shape in [(96, 131), (17, 23)]:
         a = ndimage.gaussian_filter(rng.random(shape), 1.5).astype(np.float32)
         for sigma, order in [(0.7, (0, 0)), (1.0, (2, 0)), (2.0, (0, 2)), (1.0, (1, 1)), (2.0, (1, 1))]:
