@@ -614,6 +614,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-kind", action="store_true", help="also a table of mean IoU / clicks per kind of case")
     parser.add_argument("--baseline", help="another embedded.py to run side by side as 'embedded (before)'")
     args = parser.parse_args(argv)
+    import cv2
+
+    cv2.setNumThreads(1)  # one core: OpenCV's own thread pool ignores OMP_NUM_THREADS
     tools = candidates()
     if args.baseline:
         tools = {"embedded (chosen)": tools["embedded (chosen)"], "embedded (before)": embedded_from_file(args.baseline),

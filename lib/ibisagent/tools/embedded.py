@@ -2,10 +2,11 @@
 
 Method (histogram likelihood + geodesic veto of negative clicks + contrast-sensitive graph cut):
 
-1. ``encode`` (once per image): grey level in [0, 1] lightly smoothed (``scipy.ndimage.gaussian_filter``) and
-   quantised into 64 bins, the noise level (MAD), the whole-image histogram, a gradient-magnitude cost
-   (``skimage.filters.sobel``, max-pooled to a <=128-cell grid) and each pixel's distance to the nearest edge
-   (``skimage.feature.canny`` + ``scipy.ndimage.distance_transform_edt``).
+1. ``encode`` (once per image): grey level in [0, 1] lightly smoothed (Gaussian) and quantised into 64 bins, the
+   noise level (MAD), the whole-image histogram, a gradient-magnitude cost (Sobel, max-pooled to a <=128-cell
+   grid) and each pixel's distance to the nearest edge (``skimage.feature.canny`` + Euclidean distance
+   transform). The filters are ``scipy.ndimage``'s and ``skimage.filters``' computed by OpenCV with the same
+   kernels and borders (:func:`gaussian`, :func:`sobel_magnitude`, :func:`distance_to`; tested equal).
 2. Each click becomes a seed disk whose radius is half its distance to the nearest edge (0-5 px), so seeds
    never cross a boundary.
 3. Intensity unary (MONAI Label's scribbles recipe, ``monailabel.scribbles``): log-ratio of the positive-seed
@@ -42,6 +43,12 @@ Colour, thin structures, large images, speed:
   vessels that show up only in the green channel are found. The graph-cut contrast then uses all three channels.
 * Images above ``WORK_MAX_SIZE`` px per side are processed on a grid downsampled by an integer factor (area
   mean); logits are upsampled bilinearly and the mask is ``logits > 0`` at full resolution.
+* Two work grids for large grey images (:class:`EmbeddedSession`): above ``BLOB_WORK_MAX_SIZE`` (256) px per side,
+  features are computed on a grid of at most 256 px, where blob-like targets (the ridge gate off) are segmented;
+  a step whose positive seeds sit on thin curves runs on the ``WORK_MAX_SIZE`` grid, whose features are computed
+  the first time a step needs them. At 512 px this halves the time per case on the hard set
+  (``benchmarks/embedded_candidates.py --set hard512``) and raises its mean IoU; 1-3 px curves keep the
+  full-resolution answer exactly (a 256 px grid for everything lost them: thin curve 0.906 -> 0.728).
 * The graph cut runs on a region of interest: the bounding box, grown by ``ROI_MARGIN``, of the
   possible-foreground components (unary > -``ROI_UNARY``) touching the positive seeds. A pixel with unary below -4 * CUT_LAMBDA can never be
   foreground, so the result is that of the whole-image cut up to rare boundary ties (on the quick comparison set
@@ -68,7 +75,7 @@ from skimage import feature, filters
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 
-from ibisagent.clicks import Click
+from ibisagent.clicks import Click, distance_transform
 from ibisagent.tools.base import ImageSession, Prediction, SegmentationTool, check_clicks, check_image
 
 #: Intensity bins of the histogram likelihood (grey levels in [0, 1]).
@@ -240,11 +247,11 @@ def sobel_magnitude(a: np.ndarray) -> np.ndarray:
 
 def distance_to(region: np.ndarray) -> np.ndarray:
     """Euclidean distance (pixels, float32) of every pixel to the nearest ``True`` pixel of ``region`` ((h, w)
-    bool): ``scipy.ndimage.distance_transform_edt(~region)``, by OpenCV's exact transform
-    (``cv2.distanceTransform``, ``DIST_MASK_PRECISE``); +inf everywhere when ``region`` is empty."""
+    bool): ``scipy.ndimage.distance_transform_edt(~region)`` by :func:`ibisagent.clicks.distance_transform`
+    (OpenCV, exact); +inf everywhere when ``region`` is empty."""
     if not region.any():
         return np.full(region.shape, np.inf, np.float32)
-    return cv2.distanceTransform((~region).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return distance_transform(~region).astype(np.float32)
 
 
 def label8(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
