@@ -88,21 +88,24 @@ def _box_distance(region: np.ndarray) -> tuple[tuple[slice, slice], np.ndarray] 
         return None
     box = (slice(y, y + h), slice(x, x + w))
     padded = np.pad(u8[box], 1, mode="constant", constant_values=0)
-    return box, distance_transform(padded)[1:-1, 1:-1]
+    return box, distance_transform(padded)[1:-1, 1:-1].astype(np.float64)
 
 
 def distance_transform(inside: np.ndarray) -> np.ndarray:
     """Euclidean distance (pixels) of each nonzero pixel of an (H, W) mask to the nearest zero pixel, 0 on zeros:
-    ``scipy.ndimage.distance_transform_edt``, (H, W) float64, exact and deterministic.
+    ``scipy.ndimage.distance_transform_edt``, (H, W) float32, deterministic.
 
-    By OpenCV's exact transform (``cv2.distanceTransform``, ``DIST_MASK_PRECISE``, several times faster), whose
-    float32 output varies in the last bit from call to call; squared distances between pixel centres are integers,
-    so rounding the square recovers them exactly and the square root is scipy's value, bit for bit. ``inside``
-    must have at least one zero pixel.
+    By OpenCV's exact transform (``cv2.distanceTransform``, ``DIST_MASK_PRECISE``, several times faster than
+    scipy's), whose float32 output varies in its last bit from call to call. Squared distances between pixel
+    centres are integers, so rounding the square recovers them exactly (below 2**22, any image up to 2048 px a
+    side): each value is the float32 square root of the exact squared distance, the same on every call, and equal
+    distances are equal values (ties stay ties). ``inside`` must have at least one zero pixel.
     """
     u8 = inside.view(np.uint8) if inside.dtype == bool else np.asarray(inside, dtype=np.uint8)
-    dist = cv2.distanceTransform(np.ascontiguousarray(u8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE).astype(np.float64)
-    return np.sqrt(np.rint(dist * dist))
+    dist = cv2.distanceTransform(np.ascontiguousarray(u8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    np.multiply(dist, dist, out=dist)
+    np.rint(dist, out=dist)
+    return np.sqrt(dist, out=dist)
 
 
 def next_click(

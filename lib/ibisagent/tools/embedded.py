@@ -248,10 +248,10 @@ def sobel_magnitude(a: np.ndarray) -> np.ndarray:
 def distance_to(region: np.ndarray) -> np.ndarray:
     """Euclidean distance (pixels, float32) of every pixel to the nearest ``True`` pixel of ``region`` ((h, w)
     bool): ``scipy.ndimage.distance_transform_edt(~region)`` by :func:`ibisagent.clicks.distance_transform`
-    (OpenCV, exact); +inf everywhere when ``region`` is empty."""
+    (OpenCV, deterministic); +inf everywhere when ``region`` is empty."""
     if not region.any():
         return np.full(region.shape, np.inf, np.float32)
-    return distance_transform(~region).astype(np.float32)
+    return distance_transform(~region)
 
 
 def label8(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
