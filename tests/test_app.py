@@ -45,6 +45,22 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
+TILT_DEG = 20.0
+
+
+def _write_tilted_ct(path: Path) -> None:
+    """A small CT on a gantry-tilted (sheared) grid: slices 5 mm apart along the table, tilted 20 degrees; the shear
+    lives in the sform only (a qform cannot hold it), as the library writes such volumes."""
+    affine = np.eye(4)
+    affine[1, 2], affine[2, 2] = 5 * np.sin(np.radians(TILT_DEG)), 5 * np.cos(np.radians(TILT_DEG))
+    volume = np.full((48, 48, 6), -800, np.int16)
+    volume[10:30, 12:32, :] = 60
+    nii = nib.Nifti1Image(volume, affine)
+    nii.set_qform(None, code=0)
+    nii.set_sform(affine, code=1)
+    nib.save(nii, str(path))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("app")
@@ -52,6 +68,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     studies.mkdir()
     shutil.copy(SAMPLES / "ct_volume.nii.gz", studies / "ct_volume.nii.gz")
     shutil.copy(SAMPLES / "ct_abdomen.png", studies / "ct_abdomen.png")
+    _write_tilted_ct(studies / "tilted_ct.nii.gz")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "lib"), "MONAILABEL_PYEXE": sys.executable,
            "MONAI_LABEL_INFER_CONCURRENCY": "4"}
@@ -126,6 +143,22 @@ def test_agent_infer_writes_nrrd_when_asked(server: Server, tmp_path: Path) -> N
     assert load_image(label).array.shape == load_image(server.studies / "ct_volume.nii.gz").array.shape
 
 
+def test_a_tilted_series_result_is_nrrd_unless_asked_otherwise(server: Server, tmp_path: Path) -> None:
+    """3D Slicer refuses a NIfTI on a sheared grid; NRRD carries it exactly, so it is the default there."""
+    import nrrd
+
+    label, _ = server.client(tmp_path).infer("ibisagent_clicks", "tilted_ct", {"foreground": [[20, 20, 3]]})
+    assert label.endswith(".nrrd"), label
+    directions = np.asarray(nrrd.read_header(label)["space directions"], dtype=float)
+    cos = abs(directions[1] @ directions[2]) / np.linalg.norm(directions[1]) / np.linalg.norm(directions[2])
+    assert np.degrees(np.arcsin(cos)) == pytest.approx(TILT_DEG, abs=0.1)  # the same sheared grid
+    mask = load_image(label).array
+    assert mask.shape == load_image(server.studies / "tilted_ct.nii.gz").array.shape and mask.any()
+    label, _ = server.client(tmp_path).infer("ibisagent_clicks", "tilted_ct",
+                                             {"foreground": [[20, 20, 3]], "result_extension": ".nii.gz"})
+    assert label.endswith(".nii.gz")  # what the client asked for
+
+
 def test_clicks_infer_covers_the_clicked_structure(server: Server, tmp_path: Path) -> None:
     liver = nib.load(str(SAMPLES / "ct_volume_liver.nii.gz")).get_fdata() > 0  # stored (i, j, k) order
     k = 16
@@ -170,6 +203,20 @@ def test_saving_a_final_label_appends_a_correction(server: Server, tmp_path: Pat
     assert records[-1].client_id == "pytest" and records[-1].time  # who saved it (the client id), and when
     # the agent output was consumed: saving again adds nothing
     assert client.save_label("ct_abdomen", str(corrected), tag="final")["corrections_added"] == 0
+
+
+def test_a_correction_replays_with_the_modality_its_request_used(server: Server, tmp_path: Path) -> None:
+    """The server's --conf modality is unset and the PNG names none: the request said CT, so the correction's
+    replay (and its record) must use CT too, not the server's default."""
+    client = server.client(tmp_path)
+    _, result = client.infer("ibisagent", "ct_abdomen", {"instruction": "Segment the liver.", "max_steps": 1,
+                                                         "modality": "CT"})
+    assert result["modality"] == "CT" and result.get("stored_for_corrections") is True
+    corrected = tmp_path / "ct_abdomen_final.png"
+    shutil.copy(SAMPLES / "ct_liver.png", corrected)
+    assert client.save_label("ct_abdomen", str(corrected), tag="final")["corrections_added"] == 1
+    record = CorrectionStore(server.studies / "ibisagent" / "corrections.jsonl").read()[-1]
+    assert record.modality == "CT", record.modality
 
 
 @pytest.mark.parametrize(("model", "image", "params", "status"), [

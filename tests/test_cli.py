@@ -181,3 +181,46 @@ def test_demo_console_script_on_the_sample_data(tmp_path: Path) -> None:
     assert len(errors) < len(agent["cases"])  # the policy answers usably on part of the cases at least
     assert 0.0 <= agent["aggregate"]["format_valid"] <= 1.0
     assert (tmp_path / "demo" / "agent" / "trajectory.png").stat().st_size > 0
+
+
+def test_no_progress_also_hides_the_weight_loading_bar(tmp_path: Path) -> None:
+    """``--no-progress`` means no bar at all, transformers' "Loading weights" included; without it the bar shows."""
+    case = json.loads(SAMPLE_MANIFEST.read_text().splitlines()[0])
+    case["image"] = str(SAMPLE_MANIFEST.parent / case["image"])
+    for target in case["targets"]:
+        target["mask"] = str(SAMPLE_MANIFEST.parent / target["mask"]) if target["mask"] else None
+    manifest = tmp_path / "one.jsonl"
+    manifest.write_text(json.dumps(case) + "\n")
+    base = [sys.executable, "-m", "ibisagent.cli", "eval", str(manifest), "--policy", "bundled", "--max-turns", "1",
+            "--max-new-tokens", "16"]
+    quiet = subprocess.run([*base, "--out", str(tmp_path / "quiet"), "--no-progress"], capture_output=True, text=True,
+                           timeout=300)
+    assert (tmp_path / "quiet" / "results.json").is_file(), quiet.stderr
+    assert "Loading weights" not in quiet.stderr and "it/s]" not in quiet.stderr, quiet.stderr
+    shown = subprocess.run([*base, "--out", str(tmp_path / "shown")], capture_output=True, text=True, timeout=300)
+    assert "Loading weights" in shown.stderr, shown.stderr
+
+
+def _terminate(answer: str) -> str:
+    return f"<think>\nNothing to segment.\n</think>\n<action>\nTerminate\n</action>\n<answer>\n{answer}\n</answer>"
+
+
+@pytest.mark.parametrize(("answer", "code", "said"), [
+    ("not present", 0, "the agent answered that it is absent"),
+    ("The liver is not visible in this image.", 0, "the agent answered that it is absent"),
+    ("The gallstone is not present in this image.", 1, "the agent did not say that liver is absent"),
+    ("Done.", 1, "the agent did not say that liver is absent"),
+])
+def test_segment_says_why_a_mask_is_empty_and_fails_unless_the_target_was_declared_absent(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], answer: str, code: int, said: str) -> None:
+    from chat_server import ChatServer
+
+    image = SAMPLE_MANIFEST.parent / "synthetic" / "ct_abdomen.png"
+    out = tmp_path / "liver.png"
+    with ChatServer("plain", turns=[_terminate(answer)]) as server:
+        status = main(["segment", str(image), "--prompt", "Segment the liver.", "--policy",
+                       f"openai:{server.url}#scripted", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert out.is_file()  # the (empty) mask is written either way
+    assert status == code, err
+    assert "the mask of 'liver' is empty" in err and said in err and repr(answer) in err, err

@@ -333,6 +333,25 @@ def test_build_rl_skips_bad_cases_with_the_reason(simulated, tmp_path: Path) -> 
     assert "nowhere.png" in report and "not valid JSON" in report
 
 
+def test_build_rl_says_why_a_mode_wrote_no_file(simulated, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    manifest, _ = simulated
+    entry = json.loads(manifest.read_text().splitlines()[0])
+    assert "answer" not in entry
+    entry["image"] = str(manifest.parent / entry["image"])
+    for target in entry["targets"]:
+        target["mask"] = str(manifest.parent / target["mask"]) if target["mask"] else None
+    plain = tmp_path / "no_answers.jsonl"
+    plain.write_text(json.dumps(entry) + "\n")
+    out = tmp_path / "rl"
+    assert main(["build-rl", str(plain), "--out", str(out), "--modes", "rollout", "vqa", "--max-pixels", str(PIXELS),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "rollout.parquet").is_file() and not (out / "vqa.parquet").exists()
+    assert "no vqa.parquet: no case has an 'answer'" in printed, printed
+    assert "vqa" in json.loads((out / "stats.json").read_text())["empty"]
+
+
 def test_recorded_masks_replay_without_the_tool(simulated, tmp_path: Path) -> None:
     """Trajectories of a tool this machine cannot run (a GPU checkpoint) replay from their recorded masks: the same
     conversations as replaying with the tool itself."""

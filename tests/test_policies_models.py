@@ -488,3 +488,31 @@ def test_vllm_pixel_budget_from_checkpoint(tiny_dir: Path) -> None:
     from ibisagent.policies.vllm import checkpoint_pixels
 
     assert checkpoint_pixels(tiny_dir) == (TINY_MIN_PIXELS, TINY_MAX_PIXELS, 28)
+
+
+def test_fixed_phrases_are_one_token_each_and_the_text_is_unchanged(tmp_path: Path) -> None:
+    from transformers import AutoProcessor
+
+    from ibisagent.env import EnvConfig, SegmentationEnv
+    from ibisagent.tools import load_tool
+    from ibisagent.train.recipe import prompt_phrases
+
+    phrases = prompt_phrases()
+    plain = AutoProcessor.from_pretrained(build_tiny_qwen2_5_vl(tmp_path / "plain", vision_hidden_size=64))
+    short = AutoProcessor.from_pretrained(build_tiny_qwen2_5_vl(tmp_path / "short", vision_hidden_size=64,
+                                                                phrases=phrases))
+    assert short.tokenizer(phrases[0], add_special_tokens=False)["input_ids"] == \
+        [short.tokenizer.convert_tokens_to_ids(phrases[0])]  # the system prompt is one token
+    # an agent's real second turn (system, overlay, refinement prompt) and its answer: same text, far fewer tokens
+    image = np.zeros((56, 56, 3), np.uint8)
+    env = SegmentationEnv(image, "Segment the lesion.", ("lesion",), load_tool("embedded").encode(image),
+                          policy_grid=(56, 56), config=EnvConfig(max_steps=3))
+    env.reset()
+    env.step("<think>\nx\n</think>\n<action>\nPositive Point (0.5000, 0.5000)\n</action>")
+    messages = [{"role": m["role"], "content": [{"type": p["type"], **({"text": p["text"]} if "text" in p else {})}
+                                                for p in m["content"]]} for m in env.observation.messages]
+    text = short.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == plain.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = short.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert short.tokenizer.decode(ids) == text
+    assert len(ids) * 4 < len(plain.tokenizer(text, add_special_tokens=False)["input_ids"])

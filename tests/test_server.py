@@ -37,7 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_data" / "synthetic"
 POLICY_TIMEOUT_S = 3
 PAUSE_S = 2.0
+#: The policy server's model name as ``vllm serve /path`` names it, and a training manifest: server paths that no
+#: reply may show.
+SERVED_MODEL = "/srv/secret-models/m"
+SECRET_MANIFEST = "/srv/secret-data/train.jsonl"
 ANSWER = "<think>\nNothing to add.\n</think>\n<action>\nTerminate\n</action>\n<answer>\ndone\n</answer>"
+CLICK = "<think>\nThe centre.\n</think>\n<action>\nPositive Point (0.5000, 0.5000)\n</action>"
+TIME_LIMIT_S = 6
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -52,7 +58,8 @@ class _Backend(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode("utf-8", "replace")
-        reply = json.dumps({"choices": [{"message": {"content": ANSWER}, "finish_reason": "stop"}],
+        content = CLICK if "click" in body else ANSWER
+        reply = json.dumps({"choices": [{"message": {"content": content}, "finish_reason": "stop"}],
                             "model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
         if "drip" in body:
             self.send_response(200)
@@ -137,8 +144,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, backend: str) -> Iterator[S
     nan = np.zeros((16, 16, 4), np.float32)
     nan[3, 3, 1] = np.nan
     nib.save(nib.Nifti1Image(nan, np.eye(4)), str(studies / "nan_volume.nii.gz"))
-    conf = {"policy": f"openai:{backend}#m", "tool": "embedded", "max_steps": "1", "threads": "1",
-            "policy_timeout": str(POLICY_TIMEOUT_S), "infer_workers": "4", "max_upload_mb": "8",
+    conf = {"policy": f"openai:{backend}#{SERVED_MODEL}", "tool": "embedded", "train_manifest": SECRET_MANIFEST, "max_steps": "1", "threads": "1",
+            "policy_timeout": str(POLICY_TIMEOUT_S), "time_limit": str(TIME_LIMIT_S), "infer_workers": "4", "max_upload_mb": "8",
             "max_instruction_chars": "200", "cors_origins": "http://viewer.example"}
     env = {"TMPDIR": str(tmp), "MONAI_LABEL_SESSIONS": "true", "MONAI_LABEL_SESSION_PATH": str(sessions)}
     proc, url = _start(base, studies, conf, env)
@@ -210,6 +217,49 @@ def test_paths_as_image_ids_get_4xx_without_naming_server_paths(server: Server, 
     r = server.infer("ibisagent", image, {"instruction": "Segment the liver."})
     assert 400 <= r.status_code < 500, r.text
     assert str(server.tmp) not in r.text and str(server.studies) not in r.text
+
+
+def test_info_and_replies_never_show_checkpoint_paths_or_the_policy_server(server: Server, backend: str) -> None:
+    hidden = ("/srv/secret", backend.rsplit("/", 1)[0])  # the model path, the training data, the policy server
+    info = requests.get(f"{server.url}/info/", timeout=30)
+    assert info.status_code == 200 and not any(h in info.text for h in hidden), info.text
+    options = info.json()["config"]["ibisagent"]
+    assert options["policy"] == "openai:m" and options["train_manifest"] == "train.jsonl", options
+    r = server.infer("ibisagent", "ct_abdomen", {"instruction": "Segment the liver."})
+    assert r.status_code == 200 and not any(h in r.text for h in hidden), r.text
+    assert r.json()["policy"] == "openai:m" and r.json()["tool"] == "embedded"
+
+
+def test_an_empty_mask_comes_with_a_note_saying_whether_the_agent_called_the_target_absent(server: Server) -> None:
+    r = server.infer("ibisagent", "ct_abdomen", {"instruction": "Segment the liver."})  # the backend answers "done"
+    assert r.status_code == 200, r.text
+    empty = r.json()["empty_mask"]
+    assert empty["explained"] is False and "'liver' is empty" in empty["note"] and "'done'" in empty["note"], empty
+
+
+def test_a_missing_checkpoint_is_named_without_its_server_path(tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(SAMPLES / "ct_abdomen.png", studies / "ct_abdomen.png")
+    conf = {"policy": "hf:/srv/secret-models/qwen", "tool": "medsam2:/srv/secret-ckpt/MedSAM2_latest.pt",
+            "threads": "1"}
+    proc, url = _start(tmp_path, studies, conf, {})
+    try:
+        info = requests.get(f"{url}/info/", timeout=30)
+        assert info.status_code == 200 and "/srv/secret" not in info.text, info.text
+        options = info.json()["config"]["ibisagent"]
+        assert options["policy"] == "hf:qwen" and options["tool"] == "medsam2:MedSAM2_latest.pt", options
+        assert all(t["config"]["policy"] == "hf:qwen" for t in info.json()["trainers"].values())
+        srv = Server(url, studies, tmp_path, tmp_path, proc, tmp_path / "server.log")
+        for model, params in (("ibisagent", {"instruction": "Segment the liver."}),
+                              ("ibisagent_clicks", {"foreground": [[60, 60]]})):
+            r = srv.infer(model, "ct_abdomen", params)
+            assert r.status_code == 500, r.text
+            detail = r.json()["detail"]
+            assert "checkpoint not found" in detail and "MedSAM2_latest.pt" in detail, detail
+            assert "/srv/secret" not in detail, detail
+    finally:
+        stop_group(proc)
 
 
 def test_a_path_smuggled_in_params_gets_400(server: Server) -> None:
@@ -354,6 +404,19 @@ def test_info_answers_fast_while_four_infers_run(server: Server) -> None:
     assert all(j.result().status_code == 200 for j in jobs), [j.result().text for j in jobs]
     assert len(info) >= 3 and max(info) < 0.5, info
     assert wall < 3 * PAUSE_S, wall  # the four ran side by side, not one after another (4 × PAUSE_S)
+
+
+def test_time_limit_bounds_a_whole_volume_request_not_each_slice(server: Server) -> None:
+    # every policy call pauses PAUSE_S and clicks once (max_steps 1), so each slice keeps a mask and propagation
+    # would go on through the volume's 32 slices; the request must end near its time limit with the slices done
+    t0 = time.perf_counter()
+    r = server.infer("ibisagent", "ct_volume", {"instruction": "slow click: segment the liver."})
+    elapsed = time.perf_counter() - t0
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert len(result["slices"]) >= 2, result["stops"]  # it did propagate
+    assert any("request time limit" in why for why in result["stops"].values()), result["stops"]
+    assert elapsed < TIME_LIMIT_S + PAUSE_S + 4, elapsed
 
 
 def test_policy_call_has_an_overall_deadline(backend: str) -> None:

@@ -129,6 +129,9 @@ def test_sft_steps_lower_the_loss_and_the_policy_reloads(tmp_path, tiny, monkeyp
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert result.rows == 2 and [s.index for s in result.skipped] == [2]
+    # 4 steps of one row each over 2 trainable rows: 4 rows fed, 2 distinct (not "3 rows trained")
+    assert result.steps == 4 and result.rows_fed == 4
+    assert result.summary() == "3 rows (2 trainable, 1 skipped); 4 steps over 4 rows (2 distinct)"
     assert json.loads((tmp_path / "run" / "skipped.jsonl").read_text().splitlines()[0])["row"] == 2
     progress = json.loads((tmp_path / "run" / "progress.json").read_text())
     assert progress["step"] == 4 and progress["best_metric"] == pytest.approx(min(losses))
@@ -139,3 +142,29 @@ def test_sft_steps_lower_the_loss_and_the_policy_reloads(tmp_path, tiny, monkeyp
     traj = run_agent(policy, tool.encode(image), image, "Segment the lesion.", "lesion",
                      config=AgentConfig(max_steps=1))
     assert len(traj.steps) >= 1
+
+
+@pytest.mark.parametrize(("steps", "rows", "batch", "accum", "world", "fed"), [
+    (2, 100, 1, 1, 1, 2),     # --max-steps 2 on a big dataset sees 2 rows, not 100
+    (2, 100, 2, 4, 1, 16),
+    (3, 10, 4, 1, 1, 10),     # the third step takes the 2 rows left of the epoch
+    (4, 10, 4, 1, 1, 14),     # then a new epoch starts
+    (1, 10, 4, 1, 2, 8),      # two devices
+    (0, 10, 1, 1, 1, 0),
+])
+def test_rows_fed_counts_what_the_steps_went_through(steps, rows, batch, accum, world, fed):
+    from ibisagent.train.sft import rows_fed
+
+    assert rows_fed(steps, rows, batch, accum, world) == fed
+
+
+def test_time_decay_lowers_the_learning_rate_over_the_budget(tmp_path, tiny):
+    from ibisagent.train.config import SFTRunConfig
+    from ibisagent.train.sft import run_sft
+
+    data = write_sft_dataset(tmp_path / "data", rows=2)
+    config = SFTRunConfig(model=str(tiny), max_steps=4, learning_rate=5e-3, save_steps=10, max_seconds=120,
+                          time_decay=True)
+    result = run_sft(config, data, tmp_path / "run")
+    rates = [h["learning_rate"] for h in result.log_history if "learning_rate" in h]
+    assert len(rates) == 4 and all(0 < b < a <= 5e-3 for a, b in zip(rates, rates[1:]))

@@ -155,7 +155,7 @@ class IbisAgentApp(MONAILabelApp):
 
     def info(self) -> dict[str, Any]:
         meta = super().info()
-        meta["config"] = {**meta.get("config", {}), "ibisagent": self.options.as_info(),
+        meta["config"] = {**meta.get("config", {}), "ibisagent": self.options.public_info(),
                           "server": self.server_options.as_info()}
         return meta
 
@@ -190,7 +190,9 @@ class IbisAgentApp(MONAILabelApp):
                 added, total = self._derive_corrections(image_id, label_id, client_id)
         except Exception as exc:  # the label is saved already; a failed derivation must not fail the save
             logger.exception("deriving the correction for %s failed", image_id)
-            return {"corrections_added": 0, "corrections_error": f"{type(exc).__name__}: {exc}"}
+            runtime = self.task_configs["ibisagent"].runtime  # type: ignore[attr-defined]
+            return {"corrections_added": 0,
+                    "corrections_error": runtime.paths.scrub(f"{type(exc).__name__}: {exc}")}
         result: dict[str, Any] = {"corrections_added": added, "corrections_total": total}
         every = self.options.auto_train_every
         if added and every and total // every > (total - added) // every:
@@ -207,10 +209,17 @@ class IbisAgentApp(MONAILabelApp):
         outputs = config.outputs.take(image_id)  # type: ignore[attr-defined]
         if not outputs:
             return 0, store.count()
-        image = load_image(self.datastore().get_image_uri(image_id), modality=self.options.modality or None)
         label = load_image(self.datastore().get_label_uri(label_id, DefaultLabelTag.FINAL.value)).array
-        records = derive_corrections(image, label, outputs, config.runtime.tool(), image_id,  # type: ignore[attr-defined]
-                                     client_id=client_id)
+        # replay each output on the picture the agent saw: the modality its request used (a request's own
+        # ``modality`` overrides --conf modality), grouped in case requests with different ones left outputs
+        by_modality: dict[str, dict[int, Any]] = {}
+        for k, entry in outputs.items():
+            by_modality.setdefault(entry.get("modality", self.options.modality) or "", {})[k] = entry
+        records = []
+        for modality, group in by_modality.items():
+            image = load_image(self.datastore().get_image_uri(image_id), modality=modality or None)
+            records += derive_corrections(image, label, group, config.runtime.tool(),  # type: ignore[attr-defined]
+                                          image_id, client_id=client_id)
         for record in records:
             store.append(record)
         return len(records), store.count()

@@ -56,7 +56,8 @@ class AgentConfig:
             turn, every observation overlay.
         repeat_limit: stop with ``repeated_click`` when the same click (same target, pixel and polarity) is
             requested this many times in a row (``Undo``/``Reset`` break the run).
-        time_limit: wall-clock seconds per trajectory (checked before each policy call); ``None`` = no limit.
+        time_limit: wall-clock seconds per trajectory (checked before each policy call, and the deadline of a call in
+            progress: a call the deadline cuts stops the run with ``time_limit``); ``None`` = no limit.
         repair_retries: repair turns (the error and the expected format, :func:`protocol.repair_message`) after
             malformed output before stopping with ``unparseable``.
         options: decoding settings passed to the policy.
@@ -196,8 +197,12 @@ def run_agents(
                 raise PolicyError(f"policy {getattr(policy, 'name', type(policy).__name__)} returned "
                                   f"{len(generations)} replies for {len(requests)} requests")
         except PolicyError as exc:
-            for env in active:
-                env.stop("policy_error", str(exc))
+            # a call cut by the time limit's deadline is the time limit, not a failing backend
+            now = time.perf_counter()
+            for env, t0 in zip(envs, started):
+                if not env.done:
+                    out_of_time = config.time_limit is not None and now - t0 >= config.time_limit
+                    env.stop("time_limit" if out_of_time else "policy_error", str(exc))
             continue
         wall = time.perf_counter() - start
         for env, generation in zip(active, generations, strict=True):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def _add_agent_options(parser: argparse.ArgumentParser) -> None:
                         help="what the policy sees each step: off = current overlay only (the released checkpoint's "
                         "setting), full = the whole interleaved history")
     parser.add_argument("--prompts", type=Path, help="a TOML prompt file overriding the built-in wording")
-    parser.add_argument("--time-limit", type=float, default=None, help="wall-clock seconds per case (default: none)")
+    parser.add_argument("--time-limit", type=float, default=None, help="wall-clock seconds per case; for `segment` on a volume, all its slices together (default: none)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model turn (default: 512)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
 
@@ -64,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loop_options(p)
     _add_agent_options(p)
 
-    p = sub.add_parser("segment", help="segment a 2D image or a volume with the agent (think → click → observe)")
+    p = sub.add_parser(
+        "segment", help="segment a 2D image or a volume with the agent (think → click → observe)",
+        epilog="Exit status: 0 when every target got a mask, or its mask is empty because the agent answered that it "
+        "is absent (naming it, or a bare 'not present'; a note on stderr says so); 1 when the agent failed (no usable "
+        "answer, a failing policy or tool) or left a target's mask empty without saying it is absent (stderr names "
+        "the target, the stop reason and the answer; the mask is written either way); 2 for bad usage.")
     p.add_argument("image", type=Path, help="PNG/JPEG, NIfTI/NRRD, DICOM file or DICOM series folder")
     p.add_argument("--prompt", required=True, help='the instruction, e.g. "Segment the liver."')
     p.add_argument("--target", action="append",
@@ -247,7 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from ibisagent.evaluate import run_policy
 
-        policy = _load_policy(args.policy, args.device)
+        policy = _load_policy(args.policy, args.device, progress=not args.no_progress)
         records, results = run_policy(args.manifest, policy, _load_tool(args.tool, args.device),
                                       _agent_config(args, args.max_turns), prompts=_prompts(args),
                                       progress=not args.no_progress)
@@ -273,7 +279,14 @@ def _prompts(args: argparse.Namespace):  # noqa: ANN202 - Prompts | None
     return load_prompts(args.prompts) if args.prompts else None
 
 
-def _load_policy(spec: str | None, device: str):  # noqa: ANN202 - Policy
+def _default_policy() -> str:
+    """The policy used without ``--policy``: ``bundled``, or ``tiny`` in an installation without it."""
+    from ibisagent.policies import has_bundled_policy
+
+    return "bundled" if has_bundled_policy() else "tiny"
+
+
+def _load_policy(spec: str | None, device: str, progress: bool = True):  # noqa: ANN202 - Policy
     from ibisagent.policies import load_policy
 
     from ibisagent.policies import has_bundled_policy
@@ -287,7 +300,8 @@ def _load_policy(spec: str | None, device: str):  # noqa: ANN202 - Policy
         log.warning("no --policy given and no bundled policy installed: using the offline tiny Qwen2.5-VL, which is "
                     "UNTRAINED (it wires the loop, it does not segment)")
         spec = "tiny"
-    return load_policy(spec, device=None if device == "cpu" and spec in ("tiny", "bundled") else device)
+    return load_policy(spec, device=None if device == "cpu" and spec in ("tiny", "bundled") else device,
+                       progress=progress)
 
 
 def _output_paths(out: Path, targets: Sequence[str]) -> dict[str, Path]:
@@ -321,7 +335,7 @@ def _write_masks(masks: dict[str, object], image, out: Path, targets: Sequence[s
 def cmd_segment(args: argparse.Namespace) -> int:
     from ibisagent.data.trajectory import TrajectoryRecord, write_trajectories
     from ibisagent.imaging import ImageError, Provenance, check_mask_output, display_window, load_image, slice_of
-    from ibisagent.outcome import failures, with_errors
+    from ibisagent.outcome import empty_mask_notes, failures, with_errors
     from ibisagent.policies.base import PolicyError
     from ibisagent.protocol import target_names
     from ibisagent.render import render_trajectory
@@ -336,7 +350,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     policy = _load_policy(args.policy, args.device)
     tool = _load_tool(args.tool, args.device)
     config = _agent_config(args, args.max_steps)
-    provenance = Provenance(policy=args.policy or "tiny", tool=args.tool, person=False)
+    provenance = Provenance(policy=args.policy or _default_policy(), tool=args.tool, person=False)
     try:
         runs, masks, key, summary = _run_segment(args, image, policy, tool, targets, config)
     except PolicyError:
@@ -365,7 +379,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     failed = failures((k if image.is_volume else None, t) for k, t in runs)
     for why in failed:
         print(f"ibisagent: the agent failed: {why}", file=sys.stderr)
-    return 1 if failed else 0
+    empty = empty_mask_notes(masks, dict(runs)[key], targets)  # the key slice's answer speaks for the volume
+    for _, text in empty.values():
+        print(f"ibisagent: {text}", file=sys.stderr)
+    unexplained = [name for name, (explained, _) in empty.items() if not explained]
+    return 1 if failed or unexplained else 0
 
 
 def _run_segment(args: argparse.Namespace, image, policy, tool, targets, config):  # noqa: ANN001, ANN202
@@ -375,9 +393,10 @@ def _run_segment(args: argparse.Namespace, image, policy, tool, targets, config)
     from ibisagent.volume import segment_volume, slice_rgb
 
     if image.is_volume:
+        deadline = time.monotonic() + args.time_limit if args.time_limit is not None else None  # the whole volume
         result = segment_volume(policy, tool, image, args.prompt, targets, key_slice=args.slice,
                                 slice_range=tuple(args.range) if args.range else None, config=config,
-                                prompts=_prompts(args), propagation=args.propagation)
+                                prompts=_prompts(args), propagation=args.propagation, deadline=deadline)
         runs = sorted(result.slices.items())
         masks, key = result.masks, result.key_slice
         summary = (f"key slice {key}; {len(result.slices)} slices visited; "
@@ -457,7 +476,7 @@ def _demo_agent(args: argparse.Namespace, out: Path) -> int:
     from ibisagent.evaluate import AGENT_STOPPED, format_table, run_policy, write_results
     from ibisagent.policies.base import GenerationOptions
 
-    policy = _load_policy(args.policy, args.device)
+    policy = _load_policy(args.policy, args.device, progress=not args.no_progress)
     config = AgentConfig(max_steps=args.agent_steps, options=GenerationOptions(max_new_tokens=160))
     records, results = run_policy(args.manifest, policy, _load_tool(args.tool, args.device), config,
                                   progress=not args.no_progress)
@@ -538,6 +557,8 @@ def cmd_build_rl(args: argparse.Namespace) -> int:
     lines.append("| **all** | " + " | ".join(str(n) for n in stats["rows"].values()) + " |")
     print("\n".join(lines))
     print(f"\nparquet → {args.out}; {stats['skipped']} case(s) skipped (reasons in {args.out / 'report.jsonl'})")
+    for mode, why in stats["empty"].items():
+        print(f"no {mode}.parquet: {why}")
     return 0
 
 
@@ -559,7 +580,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         result = run_sft(load_config(SFTRunConfig, args.config, overrides), args.data, args.out,
                          resume=not args.no_resume)
-        print(f"policy: {result.policy}  ({result.rows} rows trained, {len(result.skipped)} skipped)")
+        print(f"policy: {result.policy}  (dataset: {result.summary()})")
         return 0
     from ibisagent.train.grpo import run_grpo
 

@@ -236,7 +236,10 @@ def policy_turn_counts(trajectory: AgentTrajectory) -> dict[str, Any]:
 def policy_metrics(rows: Sequence[CaseResult]) -> dict[str, Any]:
     """Shares over policy runs: ``format_valid`` (turns in the strict format), ``first_click_inside`` (present
     targets whose first click was a positive click inside the target), ``absent_not_present`` (absent targets answered
-    not present with an empty mask) and ``reward_<name>`` (mean of each reward over cases). Empty for oracle runs."""
+    not present with an empty mask), ``reward_<name>`` (mean of each reward over cases) and ``reward`` (their
+    weighted total, :func:`ibisagent.rewards.weighted_total` at the default weights). Empty for oracle runs."""
+    from ibisagent.rewards import weighted_total
+
     counts = [r.turns for r in rows if r.turns]
     if not counts:
         return {}
@@ -250,13 +253,14 @@ def policy_metrics(rows: Sequence[CaseResult]) -> dict[str, Any]:
                            "absent_not_present": share("answered_absent", "absent")}
     for name in counts[0]["rewards"]:
         out[f"reward_{name}"] = statistics.fmean(c["rewards"][name] for c in counts)
+    out["reward"] = statistics.fmean(weighted_total(c["rewards"]) for c in counts)
     return out
 
 
 def format_policy_table(summary: dict[str, Any]) -> str:
     """A Markdown table of the policy metrics (:func:`policy_metrics`), one row per modality and an overall row."""
     keys = ("format_valid", "first_click_inside", "absent_not_present", "reward_format", "reward_answer",
-            "reward_click", "reward_progress", "reward_length")
+            "reward_click", "reward_progress", "reward_length", "reward")
     lines = ["| modality | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
 
     def cells(s: dict[str, Any]) -> str:

@@ -10,10 +10,13 @@ A run *failed* when the agent stopped without a usable answer from the model or 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ibisagent.agent import AgentStep, AgentTrajectory
+import numpy as np
+
+from ibisagent.agent import AgentStep, AgentTrajectory, absent_targets
 from ibisagent.data.trajectory import TrajectoryRecord
 from ibisagent.imaging import Image
 from ibisagent.protocol import format_action
@@ -48,6 +51,48 @@ def failures(trajectories: Iterable[tuple[int | None, AgentTrajectory]]) -> list
         if why is not None:
             out.append(why if k is None else f"slice {k}: {why}")
     return out
+
+
+#: Words an answer may hold besides a target's name and still be about that target alone ("Not present.", "The target
+#: is not visible in this image."): anything else ("The gallstone is not present.") names some other structure.
+_GENERIC_WORDS = frozenset("""
+a an the this that these it its there here is are was were be been can cannot could do does not no none nothing
+present absent visible seen found detected identified shown depicted included located in on at of on to within
+image slice scan picture view region structure target object organ lesion mask result empty any i see
+""".split())
+
+
+def declared_absent(answer: str | None, target: str) -> bool:
+    """Whether ``answer`` says that ``target`` is absent, explicitly: the environment's reading
+    (:func:`ibisagent.env.absent_targets`) declares it absent, and the answer either names ``target`` or names nothing
+    else ("not present", "No.", "The liver is not visible." for ``liver``; not "The gallstone is not present." for
+    ``liver``). Case-insensitive."""
+    if not answer or target not in absent_targets(answer, [target]):
+        return False
+    text = answer.casefold()
+    if target.casefold() in text:
+        return True
+    return set(re.findall(r"[a-z]+", text)) <= _GENERIC_WORDS
+
+
+def empty_mask_notes(masks: Mapping[str, np.ndarray], trajectory: AgentTrajectory,
+                     targets: Sequence[str]) -> dict[str, tuple[bool, str]]:
+    """For every target whose final mask (any shape, bool) is empty: ``(explained, text)`` — ``explained`` when the
+    agent's answer on ``trajectory`` (the key slice's, for a volume) declares it absent (:func:`declared_absent`);
+    ``text`` names the target, the stop reason and the answer. Targets with a mask are left out."""
+    notes = {}
+    for name in targets:
+        if np.asarray(masks[name]).any():
+            continue
+        answer = trajectory.answer
+        said = f"stop: {trajectory.stop_reason}; answer: {answer!r}" if answer else \
+            f"stop: {trajectory.stop_reason}; no answer"
+        if declared_absent(answer, name):
+            notes[name] = (True, f"the mask of {name!r} is empty: the agent answered that it is absent ({said})")
+        else:
+            notes[name] = (False, f"the mask of {name!r} is empty and the agent did not say that {name} is absent "
+                                  f"({said})")
+    return notes
 
 
 def with_errors(records: Iterable[TrajectoryRecord], trajectory: AgentTrajectory) -> list[TrajectoryRecord]:

@@ -6,7 +6,8 @@ slice (it may correct, undo, or answer that the target has ended). Propagation r
 the two fronts go through :func:`ibisagent.agent.run_agents` together, one batched policy call per round — and a
 direction stops where the agent answers that the target is absent, where every mask vanishes, or where the agent
 gives no usable answer (unparseable output, time limit, a tool error on that slice: the neighbour's mask is not copied
-on unconfirmed). A failing policy backend raises :class:`~ibisagent.policies.base.PolicyError`; a tool failing on the
+on unconfirmed). A ``deadline`` bounds the whole volume: each slice's trajectory gets the time left (and at most
+``config.time_limit``), and propagation stops when none is left, keeping the slices done. A failing policy backend raises :class:`~ibisagent.policies.base.PolicyError`; a tool failing on the
 key slice raises ``RuntimeError`` with the tool's message.
 
 With a SAM 2 / MedSAM2 tool, ``propagation="sam2-video"`` is the alternative: the agent segments the key slice and
@@ -16,8 +17,10 @@ SAM 2's video memory carries the mask through the slices (:mod:`ibisagent.tools.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -76,6 +79,7 @@ def segment_volume(
     initial_masks: Mapping[str, np.ndarray] | None = None,
     propagation: str = "agent",
     key_session: ImageSession | None = None,
+    deadline: float | None = None,
 ) -> VolumeResult:
     """Segment ``targets`` through a volume (see the module docstring).
 
@@ -93,6 +97,10 @@ def segment_volume(
             agent segments the key slice, SAM 2's video memory propagates it; needs a SAM 2 / MedSAM2 tool).
         key_session: the tool's encoding of the key slice when the caller has it already (e.g. to turn a user's
             clicks into ``initial_masks``), so the key slice is encoded once.
+        deadline: ``time.monotonic()`` value by which the whole volume must be done (e.g. a server request's
+            ``--conf time_limit`` counted from its arrival); ``None``: only ``config.time_limit`` per slice. Each
+            slice's trajectory gets the seconds left; when none are left, the directions still open stop with
+            ``"request time limit reached before slice K"``.
     """
     if propagation not in ("agent", "sam2-video"):
         raise ValueError(f"propagation must be 'agent' or 'sam2-video', got {propagation!r}")
@@ -121,12 +129,25 @@ def segment_volume(
         return AgentJob(session=session, image=rgb, instruction=instruction, targets=targets,
                         initial_masks=initial)
 
-    first = run_agents(policy, [job(key, dict(initial_masks or {}))], config, prompts)[0]
+    config = config or AgentConfig()
+
+    def within_deadline() -> AgentConfig:
+        """``config`` with ``time_limit`` cut to the seconds left before ``deadline``."""
+        if deadline is None:
+            return config
+        left = max(0.0, deadline - time.monotonic())
+        limit = config.time_limit if config.time_limit is not None else math.inf
+        return replace(config, time_limit=min(limit, left))
+
+    first = run_agents(policy, [job(key, dict(initial_masks or {}))], within_deadline(), prompts)[0]
     if first.stop_reason == "policy_error":
         raise PolicyError(f"key slice {key}: {first.error or 'the policy backend failed'}")
     if first.stop_reason == "tool_error":
         raise RuntimeError(f"key slice {key}: {first.error or 'the tool failed'}")
     _store(result, key, first)
+    if deadline is not None and first.stop_reason == "time_limit" and time.monotonic() >= deadline:
+        result.stops = {d: f"request time limit reached at key slice {key}" for d in ("up", "down")}
+        return result
     if _ended(first, targets):
         result.stops = {"up": "absent at key slice", "down": "absent at key slice"}
         return result
@@ -148,8 +169,13 @@ def segment_volume(
                 del fronts[direction]
         if not fronts:
             break
+        if deadline is not None and time.monotonic() >= deadline:
+            for direction, (k, _) in fronts.items():
+                result.stops[direction] = f"request time limit reached before slice {k}"
+            break
         order = list(fronts)
-        trajectories = run_agents(policy, [job(fronts[d][0], fronts[d][1]) for d in order], config, prompts)
+        trajectories = run_agents(policy, [job(fronts[d][0], fronts[d][1]) for d in order], within_deadline(),
+                                  prompts)
         for direction, trajectory in zip(order, trajectories):
             k = fronts[direction][0]
             if trajectory.stop_reason == "policy_error":
@@ -157,7 +183,10 @@ def segment_volume(
             if trajectory.stop_reason in UNRELIABLE_STOPS:
                 # the slice kept its neighbour's mask without the agent confirming it: do not copy it onward
                 result.slices[k] = trajectory
-                result.stops[direction] = f"agent gave no usable answer at slice {k} ({trajectory.stop_reason})"
+                out_of_time = (trajectory.stop_reason == "time_limit" and deadline is not None
+                               and time.monotonic() >= deadline)
+                result.stops[direction] = (f"request time limit reached at slice {k}" if out_of_time else
+                                           f"agent gave no usable answer at slice {k} ({trajectory.stop_reason})")
                 del fronts[direction]
                 continue
             if _ended(trajectory, targets):

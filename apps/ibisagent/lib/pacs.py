@@ -118,8 +118,11 @@ class PacsDatastore(DICOMWebDatastore):
         client_names = [str(x.get("name")) for x in label_info.get("label_info") or [] if isinstance(x, dict)
                         and x.get("name")]
         names = list(entry["targets"]) if entry else client_names or ["label"]
-        provenance = Provenance(policy=entry.get("policy", "") if entry else "",
-                                tool=entry.get("tool", self.tool) if entry else self.tool, person=True,
+        from ibisagent.specs import public_spec
+
+        # the PACS is read by others: policy and tool without the server's checkpoint paths
+        provenance = Provenance(policy=public_spec(entry.get("policy", "") if entry else ""),
+                                tool=public_spec(entry.get("tool", self.tool) if entry else self.tool), person=True,
                                 client_id=str(label_info.get("client_id") or "") or None,
                                 time=dt.datetime.now(dt.timezone.utc))
         return names, provenance

@@ -194,7 +194,8 @@ def build_rl(
         verl: also write ``verl/step.parquet`` (:func:`verl_rows`).
 
     Returns:
-        ``{"rows": {mode: n}, "per_modality": {modality: {mode: n}}, "skipped": n}`` (also ``stats.json``).
+        ``{"rows": {mode: n}, "per_modality": {modality: {mode: n}}, "skipped": n, "empty": {mode: why}}`` (also
+        ``stats.json``); ``empty`` says, for each mode asked for that got no row (and so no file), why.
     """
     import datasets
 
@@ -215,6 +216,7 @@ def build_rl(
     parts = run_tasks(tasks, rl_case, work, engine=engine, workers=workers, progress=progress, desc="build-rl")
     counts: dict[str, int] = {}
     per_modality: dict[str, dict[str, int]] = {}
+    empty: dict[str, str] = {}
     for mode in options["modes"]:
         rows = [row for p in parts for row in p["rows"][mode]]
         counts[mode] = len(rows)
@@ -224,7 +226,9 @@ def build_rl(
                 bucket[mode] = bucket.get(mode, 0) + len(p["rows"][mode])
         target = out / f"{mode}.parquet"
         target.unlink(missing_ok=True)
-        if not rows:  # an empty parquet file is not a loadable dataset: no file, the count says 0
+        if not rows:  # an empty parquet file is not a loadable dataset: no file, the count says 0, and why
+            empty[mode] = _why_empty(mode, cases)
+            log.warning("build-rl: no %s.parquet written: %s", mode, empty[mode])
             continue
         datasets.Dataset.from_list(rows, features=_features(mode)).to_parquet(str(target))
         if verl and mode == "step":
@@ -233,9 +237,18 @@ def build_rl(
     report += [r for p in parts for r in p["report"]]
     atomic_write_text(out / "report.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in report))
     stats = {"rows": counts, "per_modality": dict(sorted(per_modality.items())),
-             "skipped": sum(1 for r in report if r["kind"] == "skipped")}
+             "skipped": sum(1 for r in report if r["kind"] == "skipped"), "empty": empty}
     atomic_write_text(out / "stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return stats
+
+
+def _why_empty(mode: str, cases: list[Case]) -> str:
+    """Why ``mode`` got no row from ``cases`` (the readable cases of the manifest)."""
+    if not cases:
+        return "no readable case in the manifest (see report.jsonl)"
+    if mode == "vqa":
+        return "no case has an 'answer' (closed VQA rows come from cases with an answer)"
+    return "every case was skipped (see report.jsonl)"
 
 
 __all__ = ["MODES", "build_rl", "rl_case", "verl_rows"]

@@ -32,6 +32,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from ..fileio import atomic_path
+from ..specs import public_spec
 from .dicom import _read_dataset
 from .io import Image, ImageError, load_image
 
@@ -80,7 +81,8 @@ class Provenance:
         full = f"{ALGORITHM_NAME} {version} policy={self.policy or '-'} tool={self.tool or '-'}"
         if len(full) <= LO_MAX:
             return full
-        short = f"{ALGORITHM_NAME} {version} policy={_short_spec(self.policy)} tool={_short_spec(self.tool)}"
+        policy, tool = public_spec(self.policy) or "-", public_spec(self.tool) or "-"
+        short = f"{ALGORITHM_NAME} {version} policy={policy} tool={tool}"
         return short[:LO_MAX]
 
     def content_description(self) -> str | None:
@@ -89,19 +91,6 @@ class Provenance:
             return None
         when = self.time.isoformat(timespec="seconds") if self.time is not None else "unknown time"
         return f"correction by {self.client_id or 'unknown client'} at {when}"[:LO_MAX]
-
-
-def _short_spec(spec: str) -> str:
-    """``medsam2:/models/x/MedSAM2.pt`` → ``medsam2:MedSAM2.pt``; ``openai:http://h/v1#M`` → ``openai:M``."""
-    if not spec:
-        return "-"
-    kind, sep, rest = spec.partition(":")
-    if not sep:
-        return spec
-    if kind == "openai":
-        return f"openai:{rest.partition('#')[2] or rest}"
-    parts = [os.path.basename(p.rstrip("/")) or p for p in rest.split("@")]
-    return f"{kind}:{'@'.join(parts)}"
 
 
 def segment_codes(name: str) -> tuple[Code, Code]:

@@ -56,15 +56,16 @@ def has_bundled_policy() -> bool:
     return (bundled_policy_dir() / "config.json").is_file()
 
 
-def load_policy(spec: str, device: str | None = None, timeout: float | None = None) -> Policy:
+def load_policy(spec: str, device: str | None = None, timeout: float | None = None, progress: bool = True) -> Policy:
     """Build a policy from its spec (see the module docstring). ``oracle`` is not built here: it needs the case's
     ground truth (:class:`ibisagent.policies.oracle.OraclePolicy`). ``timeout``: overall seconds per call of a remote
-    (``openai:``) policy, default that policy's own."""
+    (``openai:``) policy, default that policy's own. ``progress``: show transformers' weight-loading bar (in-process
+    models)."""
     kind, _, rest = spec.partition(":")
     if kind == "hf" and rest:
         from ibisagent.policies.hf import HFPolicy
 
-        return HFPolicy(_local_dir(rest), device=device)
+        return HFPolicy(_local_dir(rest), device=device, progress=progress)
     if kind == "openai" and rest:
         from ibisagent.policies.openai import OpenAIPolicy
 
@@ -79,12 +80,12 @@ def load_policy(spec: str, device: str | None = None, timeout: float | None = No
         if not has_bundled_policy():
             raise ValueError(f"no bundled policy in this installation ({bundled_policy_dir()} is empty); train one "
                              "with `ibisagent train tiny MANIFEST --out DIR` and pass --policy hf:DIR/policy")
-        return HFPolicy(bundled_policy_dir(), device=device)
+        return HFPolicy(bundled_policy_dir(), device=device, progress=progress)
     if spec == "tiny":
         from ibisagent.policies.hf import HFPolicy
         from ibisagent.policies.tiny import ensure_tiny_model
 
-        return HFPolicy(ensure_tiny_model(default_cache_dir()), device=device)
+        return HFPolicy(ensure_tiny_model(default_cache_dir()), device=device, progress=progress)
     if spec == "oracle":
         raise ValueError("the oracle policy needs ground truth; use `ibisagent eval --policy oracle` on a manifest")
     raise ValueError(f"unknown policy spec {spec!r}; expected oracle, hf:PATH, openai:URL#MODEL, vllm:PATH, "

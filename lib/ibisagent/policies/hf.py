@@ -21,13 +21,31 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ibisagent.policies.base import Conversation, Generation, GenerationOptions, Policy, PolicyError, PolicyRequest
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Within the block, transformers' (and the Hub's) progress bars are on or off as ``enabled`` says; the
+    process-wide setting (``transformers.utils.logging``) is restored on exit. Not thread-safe: the setting is global
+    in transformers."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if enabled != before:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        if hf_logging.is_progress_bar_enabled() != before:
+            (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 class HFPolicy(Policy):
@@ -40,6 +58,8 @@ class HFPolicy(Policy):
         min_pixels, max_pixels: image pixel budget; default the checkpoint's own (``preprocessor_config.json``).
             Pass the same numbers everywhere the checkpoint is used (training, vLLM, evaluation).
         attn_implementation: forwarded to ``from_pretrained`` (default: transformers' choice, SDPA).
+        progress: show transformers' weight-loading progress bar (``False``: hidden while this model loads, the
+            process-wide setting restored afterwards).
     """
 
     def __init__(
@@ -50,6 +70,7 @@ class HFPolicy(Policy):
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         attn_implementation: str | None = None,
+        progress: bool = True,
     ) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -79,7 +100,8 @@ class HFPolicy(Policy):
             model_kwargs: dict[str, Any] = {"dtype": dtype}
             if attn_implementation:
                 model_kwargs["attn_implementation"] = attn_implementation
-            self.model = AutoModelForImageTextToText.from_pretrained(self.path, **model_kwargs)
+            with progress_bars(progress):
+                self.model = AutoModelForImageTextToText.from_pretrained(self.path, **model_kwargs)
         except (OSError, ValueError) as exc:
             raise PolicyError(f"hf policy: cannot load {self.path}: {exc}") from exc
         self.model.to(self.device).eval()

@@ -120,9 +120,9 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def _train_tokenizer(extra_corpus: Sequence[str] = (), vocab_size: int = _VOCAB_SIZE):
+def _train_tokenizer(extra_corpus: Sequence[str] = (), vocab_size: int = _VOCAB_SIZE, phrases: Sequence[str] = ()):
     """A byte-level BPE trained on the built-in corpus (plus ``extra_corpus``), Qwen-style (digits split), with the
-    Qwen special tokens."""
+    Qwen special tokens and each of ``phrases`` as one added (non-special) token."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -144,18 +144,23 @@ def _train_tokenizer(extra_corpus: Sequence[str] = (), vocab_size: int = _VOCAB_
     tok.train_from_iterator(_corpus() + [line for line in extra_corpus for _ in range(4)], trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in dict.fromkeys(phrases) if t])
     return tok
 
 
 def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0, *, hidden_size: int = 64,
                           num_layers: int = 2, max_pixels: int = TINY_MAX_PIXELS, corpus: Sequence[str] = (),
-                          vocab_size: int = _VOCAB_SIZE) -> Path:
+                          vocab_size: int = _VOCAB_SIZE, vision_hidden_size: int = 32,
+                          phrases: Sequence[str] = ()) -> Path:
     """Write a tiny random Qwen2.5-VL model directory (model, tokenizer, processor, chat template) to ``out_dir``.
 
     Deterministic given ``seed``; a few hundred kB at the defaults; builds in about a second on CPU. ``hidden_size``
-    (a multiple of 16) and ``num_layers`` size the language model (the training recipe uses a larger one),
+    (a multiple of 16) and ``num_layers`` size the language model, ``vision_hidden_size`` (a multiple of 16) the
+vision tower's width (the training recipe uses larger ones),
     ``max_pixels`` the image budget; ``corpus`` adds text the tokenizer is trained on (the prompt wording, the
-    instructions: fewer tokens per turn) within ``vocab_size``. Returns ``out_dir``.
+    instructions: fewer tokens per turn) within ``vocab_size``; each of ``phrases`` (fixed texts every row repeats,
+    such as the system prompt) becomes one token of its own, so a row costs a few hundred tokens less to train on
+    and to run — the text the model is given is unchanged. Returns ``out_dir``.
     """
     import torch
     from transformers import (
@@ -175,7 +180,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0, *, hid
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    backend = _train_tokenizer(corpus, vocab_size)
+    backend = _train_tokenizer(corpus, vocab_size, phrases)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=None,
@@ -194,6 +199,8 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0, *, hid
     text_hidden = int(hidden_size)
     if text_hidden % 16:
         raise ValueError(f"hidden_size must be a multiple of 16, got {hidden_size}")
+    if int(vision_hidden_size) % 16:
+        raise ValueError(f"vision_hidden_size must be a multiple of 16, got {vision_hidden_size}")
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": vocab,
@@ -213,9 +220,9 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0, *, hid
         },
         vision_config={
             "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
+            "hidden_size": int(vision_hidden_size),
+            "intermediate_size": 2 * int(vision_hidden_size),
+            "num_heads": int(vision_hidden_size) // 16,
             "in_channels": 3,
             "patch_size": 14,
             "spatial_merge_size": 2,

@@ -13,7 +13,8 @@ expose. MONAI Label is not changed; this layer
   the whole-dataset download, ``/reload`` and model-file uploads (``PUT``/``DELETE /model/…``);
 * allows browser origins only from ``--conf cors_origins`` (plus the server's own origin): other origins get 403 and
   no CORS headers (MONAI Label answers any origin, with credentials);
-* removes server paths (temporary folder, studies, app, home) from error replies.
+* removes server paths (temporary folder, studies, app, home, and the checkpoints, data and policy server the
+  ``--conf`` options name) from error replies and JSON replies.
 
 Annotations are evaluated at run time here (no ``from __future__ import annotations``): FastAPI reads the route
 signatures.
@@ -43,6 +44,7 @@ from ibisagent.server.limits import (
     ServerOptions,
     check_params,
 )
+from ibisagent.server.redact import ServerPaths, conf_locations
 
 logger = logging.getLogger(__name__)
 
@@ -75,25 +77,8 @@ def upload_suffix(filename: str | None) -> str:
                        f"{', '.join(UPLOAD_EXTENSIONS)}", 415)
 
 
-class ServerPaths:
-    """Removes server folders from text sent to clients (error replies)."""
-
-    def __init__(self, roots: list[str]) -> None:
-        found = {os.path.realpath(r) for r in roots if r} | {r.rstrip("/") for r in roots if r}
-        found = {r for r in found if len(r) > 1}
-        parts = sorted(found, key=len, reverse=True)
-        self._pattern = re.compile("(" + "|".join(re.escape(p) for p in parts) + r")(/[^\s'\",;)\]]*)?") \
-            if parts else None
-
-    def scrub(self, text: str) -> str:
-        if self._pattern is None:
-            return text
-        return self._pattern.sub(lambda m: "<server>/" + os.path.basename(m.group(2) or "") if m.group(2)
-                                 else "<server>", text)
-
-
 class Guard:
-    """ASGI middleware: blocked paths, origin policy, body size limit, path-free error replies."""
+    """ASGI middleware: blocked paths, origin policy, body size limit, path-free error and JSON replies."""
 
     def __init__(self, app: ASGIApp, options: ServerOptions, paths: ServerPaths, auth_enabled: bool) -> None:
         self.app = app
@@ -171,8 +156,9 @@ class Guard:
                 if origin is not None:
                     kept += _cors_headers(origin)
                 message = {**message, "headers": kept}
-                if message["status"] >= 400:
-                    held["start"] = message
+                content_type = {k.lower(): v for k, v in kept}.get(b"content-type", b"")
+                if message["status"] >= 400 or content_type.startswith(b"application/json"):
+                    held["start"] = message  # errors and JSON replies (/info, infer results) are scrubbed
                     return
                 await send(message)
                 return
@@ -379,7 +365,8 @@ def build_app(options: ServerOptions | None = None) -> Any:
 
     outer.mount("/", monai_app)
     roots = [tempfile.gettempdir(), settings.MONAI_LABEL_STUDIES, settings.MONAI_LABEL_APP_DIR, str(Path.home()),
-             sys.prefix, str(Path(__file__).resolve().parents[3])]
+             sys.prefix, str(Path(__file__).resolve().parents[3]),
+             *conf_locations(settings.MONAI_LABEL_APP_CONF or {})]
     return Guard(outer, options, ServerPaths(roots), settings.MONAI_LABEL_AUTH_ENABLE)
 
 

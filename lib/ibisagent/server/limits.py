@@ -156,10 +156,12 @@ def check_finite(array: np.ndarray) -> None:
         raise RequestError(f"the image holds {bad} NaN or infinite values; replace them before segmenting", 422)
 
 
-def result_extension(value: Any, *, is_volume: bool, is_dicom: bool) -> str:
-    """The ``result_extension`` a client asked for (``.nii.gz`` when absent), checked against the input: ``.png`` only
-    for 2D pictures, ``.dcm`` (DICOM-SEG) only for DICOM sources; 400 otherwise."""
-    ext = str(value or ".nii.gz").strip().lower()
+def result_extension(value: Any, *, is_volume: bool, is_dicom: bool, sheared: bool = False) -> str:
+    """The ``result_extension`` a client asked for, checked against the input: ``.png`` only for 2D pictures, ``.dcm``
+    (DICOM-SEG) only for DICOM sources; 400 otherwise. When absent: ``.nii.gz``, or ``.nrrd`` for a ``sheared``
+    (gantry-tilted) grid, which NRRD holds exactly and NIfTI only in its sform (3D Slicer and other ITK-based
+    readers refuse such a NIfTI)."""
+    ext = str(value or (".nrrd" if sheared else ".nii.gz")).strip().lower()
     if not ext.startswith("."):
         ext = "." + ext
     allowed = RESULT_EXTENSIONS_3D if is_volume else RESULT_EXTENSIONS_2D + (".dcm",)

@@ -125,8 +125,11 @@ def last_checkpoint(out_dir: str | os.PathLike[str]) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
-def trainer_callbacks(out_dir: str | os.PathLike[str], max_seconds: float | None, metric: str) -> list[Any]:
-    """A callback that writes :data:`PROGRESS` after every log and stops training past ``max_seconds``."""
+def trainer_callbacks(out_dir: str | os.PathLike[str], max_seconds: float | None, metric: str,
+                      time_decay: bool = False) -> list[Any]:
+    """A callback that writes :data:`PROGRESS` after every log and stops training past ``max_seconds``; with
+    ``time_decay`` it turns the trainer's (lambda) scheduler into ``learning_rate × (1 − elapsed / max_seconds)`` after
+    the warm-up: a schedule over the time budget, for runs whose step count is not known in advance."""
     from transformers import TrainerCallback
 
     progress_file = Path(out_dir) / PROGRESS
@@ -156,6 +159,18 @@ def trainer_callbacks(out_dir: str | os.PathLike[str], max_seconds: float | None
             tmp = progress_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(record), encoding="utf-8")
             os.replace(tmp, progress_file)
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, lr_scheduler: Any = None, **kw: Any):
+            if time_decay and max_seconds and hasattr(lr_scheduler, "lr_lambdas"):
+                warmup = args.get_warmup_steps(state.max_steps)
+
+                def factor(step: int) -> float:
+                    if step < warmup:
+                        return step / warmup
+                    return max(0.0, 1.0 - (time.monotonic() - self.start) / max_seconds)
+
+                lr_scheduler.lr_lambdas = [factor for _ in lr_scheduler.lr_lambdas]
+            return control
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any):
             if max_seconds is not None and time.monotonic() - self.start > max_seconds:

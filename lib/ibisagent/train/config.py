@@ -57,6 +57,11 @@ class TrainCommon:
     logging_steps: int = field(default=1, metadata={"help": "log every N steps"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     max_seconds: float | None = field(default=None, metadata={"help": "stop training after this many seconds"})
+    time_decay: bool = field(
+        default=False,
+        metadata={"help": "with max_seconds: the learning rate falls linearly to 0 over the time budget (after the "
+                          "warm-up), instead of over the step count; a resumed run decays over a new budget"},
+    )
 
 
 @dataclass

@@ -156,6 +156,7 @@ def grpo_args(config: GRPORunConfig, out: Path) -> Any:
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         warmup_steps=config.warmup_ratio,
+        lr_scheduler_type="constant_with_warmup" if config.time_decay else "linear",
         reward_weights=RewardWeights.from_mapping(config.rewards).as_list(),
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
@@ -186,7 +187,7 @@ def make_trainer(config: GRPORunConfig, rows: list[dict[str, Any]], out: Path, m
         processing_class=processor,
         peft_config=lora_config(config.lora) if config.lora.enabled else None,
         environment_factory=factory(settings),
-        callbacks=trainer_callbacks(out, config.max_seconds, "reward"),
+        callbacks=trainer_callbacks(out, config.max_seconds, "reward", config.time_decay),
     )
 
 

@@ -5,7 +5,9 @@ their last checkpoint):
 
 1. **split** by image: a share of the distinct images is held out (never trained on) → ``DIR/train.jsonl``,
    ``DIR/test.jsonl``, ``DIR/split.json``;
-2. **trajectories**: the simulated expert on the training cases (``ibisagent simulate``) → ``DIR/trajectories.jsonl``;
+2. **augmentation and trajectories**: random variants of the training cases (:mod:`ibisagent.data.augment`; as many
+   as the budget affords, :data:`CASES_PER_MINUTE`) → ``DIR/augmented``; the simulated expert on the training cases
+   and their variants (``ibisagent simulate``) → ``DIR/trajectories.jsonl``;
 3. **SFT data** with reflective samples (``ibisagent.data.sft.build_sft``, history ``off`` as the product runs) →
    ``DIR/sft_data``;
 4. **SFT** of a small Qwen2.5-VL built from a config with a tokenizer trained on the fly
@@ -44,12 +46,20 @@ SFT_SHARE = 0.8
 EVAL_RESERVE = 0.12
 #: Share of distinct images held out for evaluation.
 HOLDOUT = 0.2
+#: Training cases (originals and augmented variants) simulated per minute of budget, and the most variants per case:
+#: a tiny policy trained on a few dozen images learns their click positions instead of reading the image.
+CASES_PER_MINUTE = 30
+MAX_VARIANTS = 20
 #: The small model: language hidden size and layers (≈1.7 M parameters), the image budget (168 × 168 px, 36 tokens).
 HIDDEN_SIZE = 192
 NUM_LAYERS = 4
+VISION_HIDDEN_SIZE = 64
 MAX_PIXELS = 168 * 168
 #: Vocabulary of the tokenizer trained on the fly (on the prompt wording and the SFT data's text).
 VOCAB_SIZE = 3072
+#: GRPO: peak learning rate (decayed to 0 over its time) and executed actions per rollout.
+GRPO_LEARNING_RATE = 5e-5
+GRPO_MAX_TURNS = 2
 
 
 def tokenizer_corpus(sft_data: Path, limit: int = 4000) -> list[str]:
@@ -66,6 +76,24 @@ def tokenizer_corpus(sft_data: Path, limit: int = 4000) -> list[str]:
         for message in row:
             lines += [part["text"] for part in message["content"] if part.get("text")]
     return lines
+
+
+def prompt_phrases(min_chars: int = 40) -> list[str]:
+    """The fixed texts every row repeats — the system prompt and the literal parts (``min_chars`` or longer) of the
+    first-turn and refinement templates, the project's and the SFT builder's library — for the recipe's tokenizer to
+    keep as one token each (:func:`ibisagent.policies.tiny.build_tiny_qwen2_5_vl`'s ``phrases``)."""
+    import string
+
+    from ibisagent.data.templates import REFINEMENT
+    from ibisagent.prompts import load_prompts
+
+    prompts = load_prompts()
+    templates = [prompts.first, prompts.first_multi, prompts.refine, prompts.refine_multi]
+    templates += [t for group in REFINEMENT.values() for t in group]
+    phrases = [prompts.system]
+    for template in templates:
+        phrases += [literal for literal, *_ in string.Formatter().parse(template) if len(literal) >= min_chars]
+    return list(dict.fromkeys(phrases))
 
 
 def _resolved_lines(manifest: Path) -> list[dict[str, Any]]:
@@ -96,6 +124,18 @@ def split_by_image(lines: Sequence[dict[str, Any]], holdout: float, seed: int) -
     train = [line["id"] for line in lines if (line["image"], line.get("slice")) not in test_images]
     test = [line["id"] for line in lines if (line["image"], line.get("slice")) in test_images]
     return train, test
+
+
+def variants_per_case(n_cases: int, minutes: float) -> int:
+    """Augmented variants per training case: enough for :data:`CASES_PER_MINUTE` × ``minutes`` training cases in
+    all, at most :data:`MAX_VARIANTS`."""
+    if n_cases <= 0:
+        return 0
+    return int(min(MAX_VARIANTS, max(0, round(CASES_PER_MINUTE * minutes / n_cases) - 1)))
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def _write_lines(path: Path, lines: Sequence[dict[str, Any]]) -> Path:
@@ -142,7 +182,7 @@ def blind_baseline(trajectories: Path, test_manifest: Path, tool_spec: str = "em
 
 
 def evaluate_policy(policy_dir: Path, test_manifest: Path, out: Path, tool_spec: str = "embedded",
-                    max_steps: int = 8, progress: bool = True) -> dict[str, Any]:
+                    max_steps: int = 10, progress: bool = True) -> dict[str, Any]:
     """``ibisagent eval`` of ``hf:policy_dir`` on the held-out manifest; returns the overall summary with the policy
     metrics and the mean IoU after the first click."""
     from ibisagent.agent import AgentConfig
@@ -151,7 +191,7 @@ def evaluate_policy(policy_dir: Path, test_manifest: Path, out: Path, tool_spec:
     from ibisagent.policies.base import GenerationOptions
     from ibisagent.tools import load_tool
 
-    policy = load_policy(f"hf:{policy_dir}", device="cpu")
+    policy = load_policy(f"hf:{policy_dir}", device="cpu", progress=progress)
     tool = load_tool(tool_spec)
     config = AgentConfig(max_steps=max_steps, options=GenerationOptions(max_new_tokens=160))
     records, results = run_policy(test_manifest, policy, tool, config, progress=progress)
@@ -196,8 +236,9 @@ def run_recipe(
     tool: str = "embedded",
 ) -> dict[str, Any]:
     """Run the recipe (see the module docstring); returns the report (also ``DIR/report.json``)."""
-    from ibisagent.data.sft import build_sft
+    from ibisagent.data.augment import augment_manifest
     from ibisagent.data.reflect import ReflectiveRatios
+    from ibisagent.data.sft import build_sft
     from ibisagent.policies.tiny import build_tiny_qwen2_5_vl
     from ibisagent.train.config import GRPORunConfig, LoraSettings, SFTRunConfig
     from ibisagent.train.grpo import run_grpo
@@ -220,24 +261,28 @@ def run_recipe(
                                                 "test": test_ids, "by": "image", "holdout": HOLDOUT, "seed": seed},
                                                indent=1), encoding="utf-8")
 
-    # 2. expert trajectories, 3. SFT data
+    # 2. augmentation and expert trajectories, 3. SFT data
     t0 = time.monotonic()
+    variants = variants_per_case(len(train_lines), minutes)
+    augmented = augment_manifest(train_manifest, out / "augmented", variants, seed=seed, progress=progress)
+    expert_manifest = _write_lines(out / "train_augmented.jsonl", train_lines + _resolved_lines(augmented))
     trajectories = out / "trajectories.jsonl"
     if not trajectories.is_file():
         from ibisagent.data.trajectory import write_trajectories
         from ibisagent.evaluate import run_oracle
         from ibisagent.tools import load_tool
 
-        records, _ = run_oracle(train_manifest, load_tool(tool), progress=progress)
+        records, _ = run_oracle(expert_manifest, load_tool(tool), progress=progress)
         write_trajectories(trajectories, records)
     sft_data = out / "sft_data"
     if not (sft_data / "dataset_info.json").is_file():
         build_sft(trajectories, sft_data, history="off", reflective=ReflectiveRatios(0.3, 0.2), seed=seed,
-                  manifest=train_manifest, min_pixels=56 * 56, max_pixels=MAX_PIXELS, progress=progress)
+                  manifest=expert_manifest, min_pixels=56 * 56, max_pixels=MAX_PIXELS, workers=2, progress=progress)
     base = out / "base"
     if not (base / "config.json").is_file():
         build_tiny_qwen2_5_vl(base, seed=seed, hidden_size=HIDDEN_SIZE, num_layers=NUM_LAYERS, max_pixels=MAX_PIXELS,
-                              corpus=tokenizer_corpus(sft_data), vocab_size=VOCAB_SIZE)
+                              corpus=tokenizer_corpus(sft_data), vocab_size=VOCAB_SIZE,
+                              vision_hidden_size=VISION_HIDDEN_SIZE, phrases=prompt_phrases())
     timings["prepare_s"] = time.monotonic() - t0
 
     left = max(60.0, budget - (time.monotonic() - start) - EVAL_RESERVE * budget)
@@ -246,8 +291,8 @@ def run_recipe(
     # 4. SFT
     t0 = time.monotonic()
     sft_config = SFTRunConfig(model=str(base), lora=LoraSettings(enabled=False), learning_rate=2e-3, epochs=1000,
-                              batch_size=4,
-                              max_seconds=sft_seconds, save_steps=100, max_length=4096, seed=seed)
+                              batch_size=4, max_seconds=sft_seconds, time_decay=True, save_steps=100,
+                              max_length=4096, seed=seed)
     sft_policy = out / "sft" / "policy"
     if not (sft_policy / "config.json").is_file():
         run_sft(sft_config, sft_data, out / "sft")
@@ -257,8 +302,9 @@ def run_recipe(
     # 5. GRPO, rollout mode
     t0 = time.monotonic()
     grpo_config = GRPORunConfig(model=str(sft_policy), mode="rollout", lora=LoraSettings(enabled=False),
-                                learning_rate=2e-4, epochs=1000, max_seconds=grpo_seconds, num_generations=4,
-                                max_turns=3, max_completion_length=2048, save_steps=20, seed=seed, tool=tool)
+                                learning_rate=GRPO_LEARNING_RATE, epochs=1000, max_seconds=grpo_seconds,
+                                time_decay=True, num_generations=4, max_turns=GRPO_MAX_TURNS,
+                                max_completion_length=2048, save_steps=20, seed=seed, tool=tool)
     grpo_policy = out / "grpo" / "policy"
     if not (grpo_policy / "config.json").is_file():
         run_grpo(grpo_config, train_manifest, out / "grpo", progress=progress)
@@ -286,7 +332,10 @@ def run_recipe(
         "budget": {"minutes": minutes, "sft_share": SFT_SHARE, "eval_reserve": EVAL_RESERVE,
                    "sft_budget_s": round(sft_seconds, 1), "grpo_budget_s": round(grpo_seconds, 1),
                    **{k: round(v, 1) for k, v in timings.items()}},
-        "model": {"hidden_size": HIDDEN_SIZE, "num_layers": NUM_LAYERS, "max_pixels": MAX_PIXELS},
+        "model": {"hidden_size": HIDDEN_SIZE, "num_layers": NUM_LAYERS, "vision_hidden_size": VISION_HIDDEN_SIZE,
+                  "max_pixels": MAX_PIXELS},
+        "data": {"variants_per_case": variants, "augmented_cases": _count_lines(augmented),
+                 "trajectories": _count_lines(trajectories)},
         "sft": {"steps": max((h.get("step", 0) for h in sft_log), default=0),
                 "first_loss": next((h["loss"] for h in sft_log if "loss" in h), None),
                 "last_loss": next((h["loss"] for h in reversed(sft_log) if "loss" in h), None)},

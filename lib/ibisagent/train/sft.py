@@ -50,12 +50,42 @@ class SkippedRow:
 
 @dataclass(frozen=True)
 class SFTResult:
-    """What an SFT run produced: the policy directory, rows trained on / skipped, the trainer's log history."""
+    """What an SFT run produced.
+
+    Attributes:
+        policy: the saved policy directory.
+        rows: trainable rows of the dataset (after :func:`check_rows`); ``skipped`` holds the others.
+        skipped: the rows left out, with the reason.
+        log_history: the trainer's log history.
+        steps: optimizer steps the model has taken (a resumed run counts its checkpoint's steps too).
+        rows_fed: training rows those steps went through, repeats over epochs counted
+            (:func:`rows_fed`; ``min(rows_fed, rows)`` distinct rows were seen).
+    """
 
     policy: Path
     rows: int
     skipped: tuple[SkippedRow, ...]
     log_history: list[dict[str, Any]]
+    steps: int = 0
+    rows_fed: int = 0
+
+    def summary(self) -> str:
+        """One line of what was trained: ``3 rows (2 trainable, 1 skipped); 4 steps over 4 rows (2 distinct)``."""
+        total = self.rows + len(self.skipped)
+        return (f"{total} rows ({self.rows} trainable, {len(self.skipped)} skipped); {self.steps} steps over "
+                f"{self.rows_fed} rows ({min(self.rows_fed, self.rows)} distinct)")
+
+
+def rows_fed(steps: int, rows: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
+    """Rows ``steps`` optimizer steps of a transformers ``Trainer`` go through on ``rows`` training rows: each step
+    takes ``grad_accum`` batches of ``batch_size`` rows per device on ``world_size`` devices, and the last step of
+    an epoch takes what is left of it (the data loader keeps its last, short batch)."""
+    if rows <= 0 or steps <= 0:
+        return 0
+    per_step = batch_size * grad_accum * world_size
+    per_epoch = -(-rows // per_step)  # steps in one pass over the rows
+    epochs, rest = divmod(steps, per_epoch)
+    return epochs * rows + min(rest * per_step, rows)
 
 
 def image_tokens(processor: Any, image: Any) -> int:
@@ -161,6 +191,7 @@ def run_sft(
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         warmup_steps=config.warmup_ratio,
+        lr_scheduler_type="constant_with_warmup" if config.time_decay else "linear",
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
@@ -177,7 +208,7 @@ def run_sft(
         train_dataset=train,
         processing_class=processor,
         peft_config=lora_config(config.lora) if config.lora.enabled else None,
-        callbacks=trainer_callbacks(out, config.max_seconds, "loss"),
+        callbacks=trainer_callbacks(out, config.max_seconds, "loss", config.time_decay),
     )
     checkpoint = last_checkpoint(out) if resume else None
     if checkpoint:
@@ -185,4 +216,7 @@ def run_sft(
     trainer.train(resume_from_checkpoint=checkpoint)
     log_history(trainer, out, "sft_log.json")
     policy = save_policy(trainer.model, processor, out / POLICY)
-    return SFTResult(policy=policy, rows=len(keep), skipped=tuple(skipped), log_history=list(trainer.state.log_history))
+    steps = int(trainer.state.global_step)
+    return SFTResult(policy=policy, rows=len(keep), skipped=tuple(skipped), log_history=list(trainer.state.log_history),
+                     steps=steps, rows_fed=rows_fed(steps, len(train), config.batch_size, config.grad_accum,
+                                                    int(trainer.args.world_size)))

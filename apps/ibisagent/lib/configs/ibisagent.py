@@ -20,8 +20,8 @@ class IbisAgentConfig(TaskConfig):
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
         self.options = Options.from_conf(conf)
-        self.runtime = Runtime(self.options, model_dir)
         self.data_dir = Path(kwargs["data_dir"])
+        self.runtime = Runtime(self.options, model_dir, private=(self.data_dir.parent,))
         self.outputs = AgentOutputStore(self.data_dir / "agent_outputs")
 
     @property
@@ -36,5 +36,6 @@ class IbisAgentConfig(TaskConfig):
 
     def trainer(self) -> dict[str, Any]:
         opts = self.options.as_info()
-        return {f"{self.name}_{mode}": IbisAgentTrain(mode, self.corrections_path, Path(self.model_dir), opts)
+        public = self.options.public_info()
+        return {f"{self.name}_{mode}": IbisAgentTrain(mode, self.corrections_path, Path(self.model_dir), opts, public)
                 for mode in ("sft", "grpo")}

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from ibisagent.server.limits import check_text
+from ibisagent.specs import public_spec
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from .common import (
@@ -53,12 +54,13 @@ class IbisAgentInfer(InferTask):
         from ibisagent.agent import AgentConfig, run_agent
         from ibisagent.clicks import predict_in_order
         from ibisagent.imaging import Provenance
-        from ibisagent.outcome import failures, last_error, trajectory_json
+        from ibisagent.outcome import empty_mask_notes, failures, last_error, trajectory_json
         from ibisagent.protocol import target_names
         from ibisagent.volume import segment_volume, slice_rgb
 
         start = time.perf_counter()
         opts = self.runtime.options
+        deadline = time.monotonic() + opts.time_limit  # one deadline for the whole request, all slices together
         policy_spec = self.runtime.policy_spec()  # a finished train run may have published a new policy
         instruction = request.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
@@ -81,13 +83,14 @@ class IbisAgentInfer(InferTask):
                 initial = {target: predict_in_order(session, list(where.clicks)).mask}
             policy = self.runtime.policy()
             config = AgentConfig(max_steps=max_steps, history=opts.history,  # type: ignore[arg-type]
-                                 time_limit=opts.time_limit)
+                                 time_limit=max(0.0, deadline - time.monotonic()))
+            stops = None
             if image.is_volume and _flag(request.get("propagate", True)):
                 volume = segment_volume(policy, self.runtime.tool(), image, instruction, [target],
                                         key_slice=where.slice, config=config, initial_masks=initial,
-                                        key_session=session)
+                                        key_session=session, deadline=deadline)
                 per_slice = dict(sorted(volume.slices.items()))
-                mask = volume.masks[target]
+                mask, stops = volume.masks[target], volume.stops
             else:
                 trajectory = run_agent(policy, session, rgb, instruction, [target], config=config,
                                        initial_masks=initial)
@@ -97,13 +100,15 @@ class IbisAgentInfer(InferTask):
                 mask = trajectory.masks[target]
         except Exception as exc:  # a broken model or tool answers with a JSON error, not a traceback
             logger.exception("ibisagent infer failed")
-            raise bad_request(f"agent failed: {type(exc).__name__}: {exc}", 500) from exc
+            raise bad_request(self.runtime.paths.scrub(f"agent failed: {type(exc).__name__}: {exc}"), 500) from exc
 
         trajectory = per_slice[where.slice]
-        provenance = Provenance(policy=policy_spec, tool=opts.tool, person=bool(where.clicks))
+        public_policy, public_tool = public_spec(policy_spec), self.runtime.public_tool()
+        provenance = Provenance(policy=public_policy, tool=public_tool, person=bool(where.clicks))
         label_file = write_result(mask, image, where.slice, request, [target], provenance)
         key = trajectory_json(trajectory, image, where.slice)
         failed = failures((k if image.is_volume else None, t) for k, t in per_slice.items())
+        empty = empty_mask_notes({target: mask}, trajectory, [target]).get(target)  # never a silent empty mask
         result: dict[str, Any] = {
             "label_names": {target: 1},
             "instruction": instruction,
@@ -112,16 +117,18 @@ class IbisAgentInfer(InferTask):
             "steps": key["steps"],
             "slices": {str(k): trajectory_json(t, image, k) for k, t in per_slice.items()}
             if image.is_volume else None,
+            "stops": stops,
             "answer": trajectory.answer,
             "stop_reason": trajectory.stop_reason,
             "error": last_error(trajectory),
             "failed": bool(failed),
             "failures": failed,
+            "empty_mask": {"explained": empty[0], "note": empty[1]} if empty else None,
             **display_json(image, where.slice),
             "user_clicks": len(where.clicks),
             "ignored_clicks": list(where.ignored),
-            "policy": policy_spec,
-            "tool": opts.tool,
+            "policy": public_policy,
+            "tool": public_tool,
             "timings": {
                 "load": round(loaded - start, 4),
                 "encode": round(encoded - loaded, 4),
@@ -143,7 +150,7 @@ class IbisAgentInfer(InferTask):
                         "user_clicks": len(where.clicks) if k == where.slice else 0,
                     }, {target: t.masks[target]})
             result["stored_for_corrections"] = True
-        return label_file, result
+        return label_file, self.runtime.paths.scrub_json(result)  # errors may quote a checkpoint or server path
 
 
 def _flag(value: Any) -> bool:

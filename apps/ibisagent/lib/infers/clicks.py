@@ -61,15 +61,15 @@ class IbisClicksInfer(InferTask):
             clicks = list(where.clicks)
             prediction = predict_in_order(session, clicks)
         except Exception as exc:
-            raise bad_request(f"tool failed: {type(exc).__name__}: {exc}", 500) from exc
+            raise bad_request(self.runtime.paths.scrub(f"tool failed: {type(exc).__name__}: {exc}"), 500) from exc
         label_file = write_result(prediction.mask, image, where.slice, request, [target],
-                                  Provenance(tool=self.runtime.options.tool, person=True))
+                                  Provenance(tool=self.runtime.public_tool(), person=True))
         return label_file, {
             "label_names": {target: 1},
             "slice": slice_or_none(image, where.slice),
             "clicks": [{"px": c.x, "py": c.y, "positive": c.positive} for c in clicks],
             **display_json(image, where.slice),
             "ignored_clicks": list(where.ignored),
-            "tool": self.runtime.options.tool,
+            "tool": self.runtime.public_tool(),
             "timings": {"encode": round(encoded - start, 4), "total": round(time.perf_counter() - start, 4)},
         }

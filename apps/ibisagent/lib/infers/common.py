@@ -27,6 +27,8 @@ from fastapi import HTTPException
 from ibisagent.clicks import Click
 from ibisagent.imaging import Image, ImageError, display_window, load_image, num_slices, slice_of
 from ibisagent.server.limits import check_finite, check_pixels, check_voxel, conf_values, result_extension
+from ibisagent.server.redact import ServerPaths, conf_locations
+from ibisagent.specs import public_spec
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,9 @@ class Options:
     policy_timeout: float = 120.0
     """Overall seconds one call of a remote (``openai:``) policy may take, retries and slow replies included."""
     time_limit: float = 600.0
-    """Wall-clock seconds of one agent trajectory (one slice); also bounds a remote policy call in progress."""
+    """Wall-clock seconds of one agent request, counted from its arrival: the key slice and every propagated slice
+    together (each slice gets the time left; propagation stops when none is left, keeping the slices done); also
+    bounds a remote policy call in progress."""
     max_instruction_chars: int = 500
     """Longest instruction or target name a request may send (longer: 413)."""
     max_pixels: int = 64_000_000
@@ -96,7 +100,18 @@ class Options:
         return tuple(m.strip().upper() for m in self.modalities.split(",") if m.strip())
 
     def as_info(self) -> dict[str, Any]:
+        """All options as the server uses them (checkpoint and data paths included: for the server's own log and
+        its train tasks, never for a reply)."""
         return dataclasses.asdict(self)
+
+    def public_info(self) -> dict[str, Any]:
+        """The options as a client may see them (``/info``): policy and tool as :func:`ibisagent.specs.public_spec`,
+        training data as file names — no server path."""
+        info = self.as_info()
+        info["policy"], info["tool"] = public_spec(self.policy), public_spec(self.tool)
+        for key in ("train_trajectories", "train_manifest"):
+            info[key] = ",".join(os.path.basename(p.strip().rstrip("/")) for p in info[key].split(",") if p.strip())
+        return info
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,9 +121,14 @@ class Options:
 class Runtime:
     """The tool and the policy, built on first use (never at import or app start), once, thread-safely."""
 
-    def __init__(self, options: Options, model_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, options: Options, model_dir: str | os.PathLike[str] | None = None,
+                 private: tuple[str | os.PathLike[str], ...] = ()) -> None:
         self.options = options
         self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.paths = ServerPaths([*conf_locations(options.as_info()), tempfile.gettempdir(),
+                                  *(str(p) for p in (model_dir, *private) if p is not None)])
+        """Scrubs the server's paths (``private`` folders, the model folder, the temporary folder, the checkpoints,
+        data and policy server of the options) out of the texts a reply carries."""
         self._lock = threading.Lock()
         self._tool: Any = None
         self._policy: Any = None
@@ -126,6 +146,14 @@ class Runtime:
         if self.options.policy == "bundled" and not has_bundled_policy():
             return "tiny"
         return self.options.policy
+
+    def public_policy(self) -> str:
+        """:meth:`policy_spec` as a reply may name it (:func:`ibisagent.specs.public_spec`)."""
+        return public_spec(self.policy_spec())
+
+    def public_tool(self) -> str:
+        """``--conf tool`` as a reply may name it."""
+        return public_spec(self.options.tool)
 
     def tool(self) -> Any:
         if self._tool is None:
@@ -209,10 +237,14 @@ def load_request_image(path: str, modality: str | None = None, max_pixels: int |
 
 
 def request_result_extension(request: dict[str, Any], image: Image) -> str:
-    """The result file type the request asks for, checked against the image before any work (400 otherwise)."""
+    """The result file type the request asks for, checked against the image before any work (400 otherwise); when it
+    asks for none, ``.nii.gz``, or ``.nrrd`` on a gantry-tilted (sheared) grid."""
+    from ibisagent.imaging.masks import is_sheared
+
     source = str(image.source)
     return result_extension(request.get("result_extension"), is_volume=image.is_volume,
-                            is_dicom=os.path.isdir(source) or source.lower().endswith(".dcm"))
+                            is_dicom=os.path.isdir(source) or source.lower().endswith(".dcm"),
+                            sheared=image.is_volume and is_sheared(image.geometry.source_affine))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,9 +330,9 @@ def slice_or_none(image: Image, k: int) -> int | None:
 def write_result(mask: np.ndarray, image: Image, k: int, request: dict[str, Any], label_names: list[str],
                  provenance: Any = None) -> str:
     """Write a (Z, Y, X) volume mask, or the (H, W) mask of slice ``k``, in the image's geometry, in the requested
-    ``result_extension`` (``.nii.gz`` default, ``.nii``, ``.nrrd``, ``.png`` for 2D, ``.dcm`` DICOM-SEG for DICOM
-    sources, with ``provenance``), through the library's one writer. Returns the path of a new temporary file (MONAI
-    Label deletes it after sending)."""
+    ``result_extension`` (default ``.nii.gz``, ``.nrrd`` on a sheared grid; also ``.nii``, ``.png`` for 2D, ``.dcm``
+    DICOM-SEG for DICOM sources, with ``provenance``), through the library's one writer. Returns the path of a new
+    temporary file (MONAI Label deletes it after sending)."""
     from ibisagent.imaging import save_mask_like
 
     ext = request_result_extension(request, image)
@@ -311,5 +343,7 @@ def write_result(mask: np.ndarray, image: Image, k: int, request: dict[str, Any]
         save_mask_like(mask, image, name, slice=slice_arg, label_names=label_names, provenance=provenance)
     except ImageError as exc:
         os.unlink(name)
-        raise bad_request(f"cannot write a {ext} result for this image: {exc}") from exc
+        reason = str(exc).replace(name, os.path.basename(name)).replace(str(image.source),
+                                                                         os.path.basename(str(image.source)))
+        raise bad_request(f"cannot write a {ext} result for this image: {reason}") from exc
     return name

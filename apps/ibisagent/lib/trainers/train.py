@@ -26,9 +26,11 @@ class TrainingFailed(RuntimeError):
 
 class IbisAgentTrain(TrainTask):
     """``mode`` is ``"sft"`` or ``"grpo"``; data is the corrections file (``corrections.jsonl``) plus the configured
-    ``train_trajectories`` (SFT) or ``train_manifest`` (GRPO)."""
+    ``train_trajectories`` (SFT) or ``train_manifest`` (GRPO). ``options``: the app's options as the server uses them;
+    ``public``: the same as clients may see them (:meth:`Options.public_info`), shown in the task's config."""
 
-    def __init__(self, mode: str, corrections: Path, model_dir: Path, options: dict[str, Any]) -> None:
+    def __init__(self, mode: str, corrections: Path, model_dir: Path, options: dict[str, Any],
+                 public: dict[str, Any] | None = None) -> None:
         data = (f"the radiologists' corrections ({corrections.name}) and --conf train_trajectories" if mode == "sft"
                 else "the ground-truth manifests of --conf train_manifest")
         super().__init__(f"IBISAgent {mode.upper()} on {data}")
@@ -36,7 +38,8 @@ class IbisAgentTrain(TrainTask):
         self.corrections = corrections
         self.model_dir = model_dir
         self.options = options
-        self._config = {"max_epochs": 1, "policy": options.get("policy", ""), "tool": options.get("tool", ""),
+        shown = options if public is None else public  # what clients see in /info: no checkpoint paths
+        self._config = {"max_epochs": 1, "policy": shown.get("policy", ""), "tool": shown.get("tool", ""),
                         "minutes": options.get("train_minutes", 0)}
 
     def config(self) -> dict[str, Any]:
