@@ -376,6 +376,11 @@ def test_thin_curve_in_a_large_grey_image_gets_the_full_resolution_answer(monkey
         return _iou(mask, curve), masks
 
     two_grids, masks = run()
+    mutated = img.copy()
+    session = EmbeddedTool().encode(mutated)
+    mutated[:] = 0  # the finer grid's features come later: from the image as it was at encode
+    first = next_click(curve, np.zeros(curve.shape, bool))
+    np.testing.assert_array_equal(session.predict([first]).mask, masks[0])
     monkeypatch.setattr(embedded, "BLOB_WORK_MAX_SIZE", 0)  # one grid, full resolution
     full, full_masks = run()
     for a, b in zip(masks, full_masks):

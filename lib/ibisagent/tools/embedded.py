@@ -999,4 +999,6 @@ class EmbeddedTool(SegmentationTool):
         two_grids = grey and BLOB_WORK_MAX_SIZE > 0 and -(-size // BLOB_WORK_MAX_SIZE) > -(-size // WORK_MAX_SIZE)
         if not two_grids:
             return EmbeddedSession(_GridSession(compute_features(image, WORK_MAX_SIZE)))
-        return EmbeddedSession(_GridSession(compute_features(image, BLOB_WORK_MAX_SIZE)), image)
+        kept = image.copy()  # the finer grid's features are computed later: from this image, whatever the caller does
+        kept.flags.writeable = False
+        return EmbeddedSession(_GridSession(compute_features(kept, BLOB_WORK_MAX_SIZE)), kept)
