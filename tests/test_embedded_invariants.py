@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from ibisagent.clicks import Click, predict_in_order
-from ibisagent.tools.embedded import POSITIVE_REMOVAL_BOUND, SEED_MAX_RADIUS, WORK_MAX_SIZE, EmbeddedTool
+from ibisagent.tools.embedded import (
+    BLOB_WORK_MAX_SIZE,
+    POSITIVE_REMOVAL_BOUND,
+    SEED_MAX_RADIUS,
+    WORK_MAX_SIZE,
+    EmbeddedTool,
+)
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -28,10 +34,11 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 @st.composite
 def images(draw) -> np.ndarray:
     """Small grey or colour images: a few blobs of several intensities (some tissues sharing one label), a ring,
-    a thin line, noise and blur; sizes from 24 px up to just above the tool's work size (downsampled path)."""
-    large = draw(st.booleans()) if draw(st.integers(0, 9)) == 0 else False
-    h = WORK_MAX_SIZE + draw(st.integers(1, 40)) if large else draw(st.integers(24, 72))
-    w = WORK_MAX_SIZE + draw(st.integers(1, 40)) if large else draw(st.integers(24, 72))
+    a thin line, noise and blur; sizes from 24 px up to just above the blob grid's size (grey images: two work
+    grids, the finer one at full resolution) and just above the tool's work size (downsampled path)."""
+    base = draw(st.sampled_from([BLOB_WORK_MAX_SIZE, WORK_MAX_SIZE])) if draw(st.integers(0, 9)) == 0 else 0
+    h = base + draw(st.integers(1, 40)) if base else draw(st.integers(24, 72))
+    w = base + draw(st.integers(1, 40)) if base else draw(st.integers(24, 72))
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     img = np.full((h, w), rng.uniform(0, 0.3))
     yy, xx = np.mgrid[0:h, 0:w]
@@ -94,8 +101,10 @@ def test_a_positive_click_removes_at_most_a_small_fraction_outside_negative_seed
     new = Click(data.draw(st.integers(0, w - 1)), data.draw(st.integers(0, h - 1)), True)
     after = session.predict([*clicks, new], before.logits)
     removed = before.mask & ~after.mask
-    # The seed disk of a negative click never reaches farther than SEED_MAX_RADIUS work-grid pixels.
-    factor = max(1, int(np.ceil(max(h, w) / WORK_MAX_SIZE)))
+    # The seed disk of a negative click never reaches farther than SEED_MAX_RADIUS work-grid pixels (grey images:
+    # of the coarser, blob grid).
+    grey = bool((image[:, :, 0] == image[:, :, 1]).all() and (image[:, :, 1] == image[:, :, 2]).all())
+    factor = max(1, int(np.ceil(max(h, w) / (min(BLOB_WORK_MAX_SIZE, WORK_MAX_SIZE) if grey else WORK_MAX_SIZE))))
     reach = (SEED_MAX_RADIUS + 1) * factor
     negative_zone = np.zeros((h, w), bool)
     for c in clicks:

@@ -317,3 +317,90 @@ def test_thin_grey_curve_uses_ridge(monkeypatch):
     monkeypatch.setattr(embedded, "GREY_RIDGE_WEIGHT", 0.0)
     score_off, n_off = _oracle(embedded.EmbeddedTool().encode(img), curve)
     assert score >= 0.85 and score > score_off + 0.05  # measured: 0.90 with the ridge, 0.78 without
+
+
+def test_opencv_filters_match_scipy_and_skimage():
+    """The OpenCV versions of the per-image filters give scipy's / scikit-image's values (same kernels, borders)."""
+    from skimage import filters
+
+    from ibisagent.tools.embedded import distance_to, gaussian, label8, lookup, sobel_magnitude, upsample
+
+    rng = np.random.default_rng(5)
+    for n in (64, 256):
+        table, bins = rng.normal(size=n), rng.integers(0, n, (31, 45)).astype(np.uint8)
+        np.testing.assert_array_equal(lookup(table, bins), table.astype(np.float32)[bins])
+    for shape in [(96, 131), (17, 23)]:
+        a = ndimage.gaussian_filter(rng.random(shape), 1.5).astype(np.float32)
+        for sigma, order in [(0.7, (0, 0)), (1.0, (2, 0)), (2.0, (0, 2)), (1.0, (1, 1)), (2.0, (1, 1))]:
+            np.testing.assert_allclose(gaussian(a, sigma, order), ndimage.gaussian_filter(a, sigma, order=order),
+                                       atol=1e-6)
+        np.testing.assert_allclose(sobel_magnitude(a), filters.sobel(a), atol=1e-6)
+        seeds = rng.random(shape) < 0.02
+        np.testing.assert_allclose(distance_to(seeds), ndimage.distance_transform_edt(~seeds), rtol=1e-6)
+        assert np.isinf(distance_to(np.zeros(shape, bool))).all()
+        mask = rng.random(shape) < 0.4
+        n, lab, stats = label8(mask)
+        ref, n_ref = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        assert n - 1 == n_ref and stats[1:, 4].sum() == mask.sum()
+        pairs = {(int(x), int(y)) for x, y in zip(lab[mask], ref[mask])}
+        assert len(pairs) == n_ref  # the same partition into components
+        big = (shape[0] * 3 + 1, shape[1] * 2 + 3)
+        np.testing.assert_allclose(
+            upsample(a, big),
+            ndimage.zoom(a, (big[0] / shape[0], big[1] / shape[1]), order=1, grid_mode=True, mode="nearest"),
+            atol=1e-5)
+
+
+def test_thin_curve_in_a_large_grey_image_gets_the_full_resolution_answer(monkeypatch):
+    """Grey images above BLOB_WORK_MAX_SIZE: blob-like targets run on a coarser grid, but a 3-px curve (seeds on a
+    ridge) gets exactly the answer of the full-resolution grid, clearly better than the coarse grid's."""
+    from ibisagent.tools import embedded
+
+    size = 384  # between BLOB_WORK_MAX_SIZE and WORK_MAX_SIZE: full resolution for thin curves, half for blobs
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:size, 0:size]
+    curve = (np.abs(yy - (size / 2 + 12 * np.sin(xx / 20.0))) <= 1.0) & (xx > 16) & (xx < size - 16)
+    img = 0.35 + 0.15 * xx / size
+    img = ndimage.gaussian_filter(np.where(curve, img + 0.3, img), 0.8)
+    img = _to_rgb(np.sqrt((img + rng.normal(0, 0.03, img.shape)) ** 2 + rng.normal(0, 0.03, img.shape) ** 2))
+
+    def run() -> tuple[float, list[np.ndarray]]:
+        session = EmbeddedTool().encode(img)
+        clicks: list[Click] = []
+        logits, mask, masks = None, np.zeros(curve.shape, bool), []
+        for _ in range(6):
+            clicks.append(next_click(curve, mask, clicks))
+            pred = session.predict(clicks, logits)
+            logits, mask = pred.logits, pred.mask
+            masks.append(mask)
+        return _iou(mask, curve), masks
+
+    two_grids, masks = run()
+    mutated = img.copy()
+    session = EmbeddedTool().encode(mutated)
+    mutated[:] = 0  # the finer grid's features come later: from the image as it was at encode
+    first = next_click(curve, np.zeros(curve.shape, bool))
+    np.testing.assert_array_equal(session.predict([first]).mask, masks[0])
+    monkeypatch.setattr(embedded, "BLOB_WORK_MAX_SIZE", 0)  # one grid, full resolution
+    full, full_masks = run()
+    for a, b in zip(masks, full_masks):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.setattr(embedded, "WORK_MAX_SIZE", 256)  # everything on the half-resolution grid
+    coarse, _ = run()
+    assert two_grids == full > coarse + 0.1
+
+
+def test_geodesic_graph_distances_equal_mcp_geometric():
+    """Shortest distances on :func:`geodesic_graph` are scikit-image's MCP_Geometric cumulative costs."""
+    from scipy.sparse.csgraph import dijkstra
+    from skimage.graph import MCP_Geometric
+
+    from ibisagent.tools.embedded import geodesic_graph
+
+    rng = np.random.default_rng(8)
+    for shape in [(40, 57), (1, 9), (23, 1)]:
+        cost = 0.05 + ndimage.gaussian_filter(rng.random(shape), 1.0)
+        starts = [(int(rng.integers(shape[0])), int(rng.integers(shape[1]))) for _ in range(3)]
+        expected, _ = MCP_Geometric(cost).find_costs(starts)
+        got = dijkstra(geodesic_graph(cost), indices=np.ravel_multi_index(np.array(starts).T, shape), min_only=True)
+        np.testing.assert_allclose(got.reshape(shape), expected, rtol=1e-9, atol=1e-12)

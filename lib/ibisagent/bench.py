@@ -77,7 +77,8 @@ def simulate_clicks(session: Any, target: np.ndarray, clicks: int) -> list[Click
 
 @contextmanager
 def single_thread() -> Iterator[None]:
-    """Run torch (and, with ``threadpoolctl``, BLAS/OpenMP pools) on one thread; restores the previous setting."""
+    """Run torch, OpenCV (and, with ``threadpoolctl``, BLAS/OpenMP pools) on one thread; restores the previous
+    settings."""
     import torch
 
     previous = torch.get_num_threads()
@@ -87,12 +88,17 @@ def single_thread() -> Iterator[None]:
         limits: Any = threadpool_limits(limits=1)
     except ImportError:
         limits = nullcontext()
+    import cv2  # OpenCV's own thread pool (the embedded tool's filters) ignores OMP_NUM_THREADS
+
+    previous_cv2 = cv2.getNumThreads()
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)
     try:
         with limits:
             yield
     finally:
         torch.set_num_threads(previous)
+        cv2.setNumThreads(previous_cv2)
 
 
 def _sync(device: str) -> None:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 from ibisagent.metrics import iou
 
@@ -63,8 +62,8 @@ def padded_distance(region: np.ndarray) -> np.ndarray:
 
     Computed on the region's bounding box with a one-pixel ring (exact: the ring holds the nearest non-region pixel
     of every box pixel, or stands for the image border), so the cost follows the error region, not the image.
-    OpenCV's exact Euclidean transform (``cv2.distanceTransform``, ``DIST_MASK_PRECISE``), several times faster than
-    ``scipy.ndimage.distance_transform_edt`` with the same distances.
+    :func:`distance_transform` (OpenCV, several times faster than ``scipy.ndimage.distance_transform_edt``, the
+    same distances).
 
     Args:
         region: (H, W) bool.
@@ -74,14 +73,39 @@ def padded_distance(region: np.ndarray) -> np.ndarray:
     """
     region = np.asarray(region, dtype=bool)
     out = np.zeros(region.shape, dtype=np.float64)
-    boxes = ndimage.find_objects(region.astype(np.uint8))
-    if not boxes or boxes[0] is None:
-        return out
-    box = boxes[0]
-    padded = np.pad(region[box], 1, mode="constant", constant_values=False)
-    dist = cv2.distanceTransform(padded.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    out[box] = dist[1:-1, 1:-1]
+    found = _box_distance(region)
+    if found is not None:
+        box, dist = found
+        out[box] = dist
     return out
+
+
+def _box_distance(region: np.ndarray) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """The bounding box of an (H, W) bool region and :func:`padded_distance` inside it; ``None`` when empty."""
+    u8 = region.view(np.uint8) if region.dtype == bool and region.flags.c_contiguous else region.astype(np.uint8)
+    x, y, w, h = cv2.boundingRect(u8)
+    if w == 0 or h == 0:
+        return None
+    box = (slice(y, y + h), slice(x, x + w))
+    padded = np.pad(u8[box], 1, mode="constant", constant_values=0)
+    return box, distance_transform(padded)[1:-1, 1:-1].astype(np.float64)
+
+
+def distance_transform(inside: np.ndarray) -> np.ndarray:
+    """Euclidean distance (pixels) of each nonzero pixel of an (H, W) mask to the nearest zero pixel, 0 on zeros:
+    ``scipy.ndimage.distance_transform_edt``, (H, W) float32, deterministic.
+
+    By OpenCV's exact transform (``cv2.distanceTransform``, ``DIST_MASK_PRECISE``, several times faster than
+    scipy's), whose float32 output varies in its last bit from call to call. Squared distances between pixel
+    centres are integers, so rounding the square recovers them exactly (below 2**22, any image up to 2048 px a
+    side): each value is the float32 square root of the exact squared distance, the same on every call, and equal
+    distances are equal values (ties stay ties). ``inside`` must have at least one zero pixel.
+    """
+    u8 = inside.view(np.uint8) if inside.dtype == bool else np.asarray(inside, dtype=np.uint8)
+    dist = cv2.distanceTransform(np.ascontiguousarray(u8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    np.multiply(dist, dist, out=dist)
+    np.rint(dist, out=dist)
+    return np.sqrt(dist, out=dist)
 
 
 def next_click(
@@ -105,25 +129,25 @@ def next_click(
     if rule not in ("peak", "area"):
         raise ValueError(f"unknown click rule {rule!r}; expected 'peak' or 'area'")
     fn, fp = error_regions(target, prediction)
-    taken = np.zeros(fn.shape, dtype=bool)
-    for click in previous:
-        if click.y < taken.shape[0] and click.x < taken.shape[1]:
-            taken[click.y, click.x] = True
+    previous = list(previous)
     candidates = []
     for region, positive in ((fn, True), (fp, False)):
-        if not region.any():
+        found = _box_distance(np.ascontiguousarray(region))
+        if found is None:
             continue
-        dist = padded_distance(region)
-        dist[taken] = 0.0
+        box, dist = found  # the distance is 0 outside the region's bounding box: work inside it
+        for click in previous:
+            if box[0].start <= click.y < box[0].stop and box[1].start <= click.x < box[1].stop:
+                dist[click.y - box[0].start, click.x - box[1].start] = 0.0
         if dist.max() <= 0:
             continue
         score = float(dist.max()) if rule == "peak" else float(region.sum())
-        candidates.append((score, positive, dist))
+        candidates.append((score, positive, box, dist))
     if not candidates:
         return None
-    _, positive, dist = max(candidates, key=lambda c: c[0])
+    _, positive, box, dist = max(candidates, key=lambda c: c[0])
     x, y = _central_peak(dist)
-    return Click(x=x, y=y, positive=positive)
+    return Click(x=x + box[1].start, y=y + box[0].start, positive=positive)
 
 
 def _central_peak(dist: np.ndarray) -> tuple[int, int]:
