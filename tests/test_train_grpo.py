@@ -98,3 +98,21 @@ def test_rollout_observation_images_reach_the_forward_pass(taught):
     # the prompt image of each rollout plus every overlay its actions returned (an action that ended the episode, or a
     # malformed one answered with a repair prompt, returns no image)
     assert seen and seen[-1] == sum(1 + i for i in images)
+
+
+def test_generation_never_writes_vision_placeholders(tmp_path):
+    """A sampled <|video_pad|> (or any vision placeholder) no longer matches the rollout's images and broke the
+    training forward pass (seen in a recipe run); every vision placeholder is suppressed in GRPO's generation."""
+    from ibisagent.policies.tiny import ensure_tiny_model
+    from ibisagent.train.common import load_processor
+    from ibisagent.train.config import GRPORunConfig
+    from ibisagent.train.grpo import grpo_args, vision_token_ids
+
+    model = ensure_tiny_model(tmp_path / "cache")
+    processor = load_processor(model, GRPORunConfig())
+    tok = processor.tokenizer
+    expected = {tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                       "<|vision_end|>")}
+    assert set(vision_token_ids(processor)) == expected and len(expected) == 4
+    args = grpo_args(GRPORunConfig(model=str(model), max_steps=1), tmp_path / "out", processor)
+    assert set(args.generation_kwargs["suppress_tokens"]) == expected
