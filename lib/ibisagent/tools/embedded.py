@@ -141,8 +141,9 @@ RIDGE_GATE_HI = 0.8
 #: whose unary is below -4 * CUT_LAMBDA can never be foreground (its 4 pairwise terms cannot outweigh it).
 ROI_UNARY = 3.9
 ROI_MARGIN = 8
-#: Above this fraction of the image the ROI is not worth it: cut the whole image.
-ROI_MAX_FRACTION = 0.6
+#: Above this fraction of the image, cut the whole image instead. 1: always the ROI (:func:`graph_cut` costs what
+#: its undecided pixels cost, so a large ROI costs no more than the image; 0.6 while the cut cost the whole box).
+ROI_MAX_FRACTION = 1.0
 #: Positive clicks whose median bins (of 64) differ by more than this are different tissues of one target, each
 #: with its own foreground histogram (:func:`tissue_groups`).
 GROUP_MERGE_BINS = 4.0
@@ -776,32 +777,47 @@ def graph_cut(unary: np.ndarray, weights: CutWeights) -> np.ndarray:
     wv, wh, total = weights
     fg = unary > total
     free = ~fg & (unary >= -total)
-    n = int(np.count_nonzero(free))
-    if n == 0:
-        return fg
+    out = fg.copy()
+    if not free.any():
+        return out
+    # Work on the bounding box of the undecided pixels and their neighbours.
+    x, y, bw, bh = cv2.boundingRect(free.view(np.uint8))
+    y0, y1 = max(y - 1, 0), min(y + bh + 1, free.shape[0])
+    x0, x1 = max(x - 1, 0), min(x + bw + 1, free.shape[1])
+    box = (slice(y0, y1), slice(x0, x1))
+    unary, fg, free = unary[box], fg[box], free[box]
+    wv, wh = wv[y0 : y1 - 1, x0:x1], wh[y0:y1, x0 : x1 - 1]
     # An edge to a decided neighbour costs its weight when the pixel takes the other label: it adds to the pixel's
     # log-odds (+ for a foreground neighbour, - for a background one).
-    sign = fg.astype(np.float64) - (~fg & ~free)
-    net = np.where(free, unary, 0.0)
-    net[1:] += wv * sign[:-1]
-    net[:-1] += wv * sign[1:]
-    net[:, 1:] += wh * sign[:, :-1]
-    net[:, :-1] += wh * sign[:, 1:]
-    nf = net[free]
-    ids = np.full(unary.shape, -1, np.int64)
-    ids[free] = np.arange(n)
-    g = maxflow.Graph[float](n, 2 * n)
-    nodes = g.add_nodes(n)
-    g.add_grid_tedges(nodes, np.maximum(-nf, 0.0), np.maximum(nf, 0.0))  # sink side = foreground
-    both_v = free[1:] & free[:-1]
-    both_h = free[:, 1:] & free[:, :-1]
-    a = np.concatenate([ids[:-1][both_v], ids[:, :-1][both_h]])
-    if a.size:
-        cap = np.concatenate([wv[both_v], wh[both_h]])
-        g.add_edges(a, np.concatenate([ids[1:][both_v], ids[:, 1:][both_h]]), cap, cap)
-    g.maxflow()
-    out = fg.copy()
-    out[free] = g.get_grid_segments(nodes)
+    net = _neighbour_sum(wv, wh, fg.astype(np.float64) - (~fg & ~free))
+    net += unary
+    n = int(np.count_nonzero(free))
+    if n:
+        nf = net[free]
+        ids = np.full(free.shape, -1, np.int64)
+        ids[free] = np.arange(n)
+        g = maxflow.Graph[float](n, 2 * n)
+        nodes = g.add_nodes(n)
+        g.add_grid_tedges(nodes, np.maximum(-nf, 0.0), np.maximum(nf, 0.0))  # sink side = foreground
+        both_v = free[1:] & free[:-1]
+        both_h = free[:, 1:] & free[:, :-1]
+        a = np.concatenate([ids[:-1][both_v], ids[:, :-1][both_h]])
+        if a.size:
+            cap = np.concatenate([wv[both_v], wh[both_h]])
+            g.add_edges(a, np.concatenate([ids[1:][both_v], ids[:, 1:][both_h]]), cap, cap)
+        g.maxflow()
+        fg[free] = g.get_grid_segments(nodes)
+    out[box] = fg
+    return out
+
+
+def _neighbour_sum(wv: np.ndarray, wh: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each pixel of an (h, w) grid, the sum over its 4-neighbours q of w_pq * values[q] (float64)."""
+    out = np.zeros(values.shape)
+    out[1:] += wv * values[:-1]
+    out[:-1] += wv * values[1:]
+    out[:, 1:] += wh * values[:, :-1]
+    out[:, :-1] += wh * values[:, 1:]
     return out
 
 
