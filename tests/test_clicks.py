@@ -9,15 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
-from ibisagent.clicks import (
-    Click,
-    distance_transform,
-    error_regions,
-    next_click,
-    number_of_clicks,
-    padded_distance,
-    peak_bound,
-)
+from ibisagent.clicks import Click, distance_transform, error_regions, next_click, number_of_clicks, padded_distance
 
 
 def test_first_click_is_the_centre_of_the_target_and_positive() -> None:
@@ -90,34 +82,6 @@ def test_bounding_box_distance_equals_the_whole_image_transform(region: np.ndarr
     padded = np.pad(region, 1, mode="constant", constant_values=False)
     whole = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
     np.testing.assert_allclose(padded_distance(region), whole, rtol=1e-6)
-
-
-@settings(max_examples=200, deadline=None)
-@given(arrays(bool, st.tuples(st.integers(1, 40), st.integers(1, 40)), elements=st.booleans()), st.integers(0, 6))
-def test_peak_bound_never_underestimates_the_peak(region: np.ndarray, grow: int) -> None:
-    """The simulator skips the transform of a region whose bound cannot beat the other's peak: the bound must hold for
-    every region (noise, and noise grown into blobs), or the skip would change the click."""
-    if grow:
-        region = ndimage.binary_dilation(region, iterations=grow)
-    if not region.any():
-        return
-    ys, xs = np.nonzero(region)
-    width, height = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
-    assert padded_distance(region).max() <= peak_bound(width, height, int(region.sum()))
-
-
-def test_next_click_picks_the_deeper_region_even_when_the_other_is_larger() -> None:
-    """A thin false-positive band of large area and a compact false-negative disk of smaller area: the peak rule
-    clicks the disk (its transform is computed), the area rule the band."""
-    target = np.zeros((120, 120), dtype=bool)
-    yy, xx = np.mgrid[:120, :120]
-    target[(yy - 30) ** 2 + (xx - 30) ** 2 <= 10**2] = True  # 317 px, peak 11
-    prediction = np.zeros_like(target)
-    prediction[100:104, 2:118] = True  # 464 px, peak 2
-    peak = next_click(target, prediction, rule="peak")
-    area = next_click(target, prediction, rule="area")
-    assert peak == Click(x=30, y=30, positive=True)
-    assert area is not None and not area.positive and 100 <= area.y < 104
 
 
 def test_distance_transform_is_the_same_on_every_call() -> None:

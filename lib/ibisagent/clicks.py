@@ -81,33 +81,14 @@ def padded_distance(region: np.ndarray) -> np.ndarray:
 
 
 def _box_distance(region: np.ndarray) -> tuple[tuple[slice, slice], np.ndarray] | None:
-    """The bounding box of an (H, W) bool region and :func:`padded_distance` inside it ((h, w) float32);
-    ``None`` when empty."""
-    u8 = _as_u8(region)
+    """The bounding box of an (H, W) bool region and :func:`padded_distance` inside it; ``None`` when empty."""
+    u8 = region.view(np.uint8) if region.dtype == bool and region.flags.c_contiguous else region.astype(np.uint8)
     x, y, w, h = cv2.boundingRect(u8)
     if w == 0 or h == 0:
         return None
-    return _distance_in_box(u8, (slice(y, y + h), slice(x, x + w)))
-
-
-def _as_u8(region: np.ndarray) -> np.ndarray:
-    return region.view(np.uint8) if region.dtype == bool and region.flags.c_contiguous else region.astype(np.uint8)
-
-
-def _distance_in_box(u8: np.ndarray, box: tuple[slice, slice]) -> tuple[tuple[slice, slice], np.ndarray]:
-    padded = cv2.copyMakeBorder(np.ascontiguousarray(u8[box]), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-    return box, distance_transform(padded)[1:-1, 1:-1]
-
-
-def peak_bound(width: int, height: int, area: int) -> float:
-    """An upper bound on the :func:`padded_distance` peak of a region with this bounding box (pixels) and pixel
-    count, so that the simulator can skip the transform of a region that cannot win.
-
-    A pixel at distance ``d`` has every pixel centre closer than ``d`` inside the region: at most half the box's
-    shorter side (the ring around the box counts as outside), and at least pi * (d - sqrt(2) / 2) ** 2 pixels (the
-    unit squares of those centres cover the disk of radius d - sqrt(2) / 2), so d <= sqrt(area / pi) + 1.
-    """
-    return min((width + 1) / 2.0, (height + 1) / 2.0, float(np.sqrt(area / np.pi)) + 1.0)
+    box = (slice(y, y + h), slice(x, x + w))
+    padded = np.pad(u8[box], 1, mode="constant", constant_values=0)
+    return box, distance_transform(padded)[1:-1, 1:-1].astype(np.float64)
 
 
 def distance_transform(inside: np.ndarray) -> np.ndarray:
@@ -149,34 +130,22 @@ def next_click(
         raise ValueError(f"unknown click rule {rule!r}; expected 'peak' or 'area'")
     fn, fp = error_regions(target, prediction)
     previous = list(previous)
-    regions = []  # (bound on the score, order, positive, u8 region, box)
-    for order, (region, positive) in enumerate(((fn, True), (fp, False))):
-        u8 = _as_u8(np.ascontiguousarray(region))
-        x, y, w, h = cv2.boundingRect(u8)
-        if w == 0 or h == 0:
+    candidates = []
+    for region, positive in ((fn, True), (fp, False)):
+        found = _box_distance(np.ascontiguousarray(region))
+        if found is None:
             continue
-        area = cv2.countNonZero(u8)
-        bound = peak_bound(w, h, area) if rule == "peak" else float(area)
-        regions.append((bound, order, positive, u8, (slice(y, y + h), slice(x, x + w)), area))
-    # The larger score wins, the false negatives on a tie (order 0). A region whose bound cannot beat the best score
-    # so far is skipped without its distance transform: the same click as transforming both.
-    best = None  # (score, order, positive, box, dist)
-    for bound, order, positive, u8, box, area in sorted(regions, key=lambda r: (-r[0], r[1])):
-        if best is not None and (bound < best[0] or (bound == best[0] and order > best[1])):
-            continue
-        _, dist = _distance_in_box(u8, box)  # the distance is 0 outside the region's bounding box: work inside it
+        box, dist = found  # the distance is 0 outside the region's bounding box: work inside it
         for click in previous:
             if box[0].start <= click.y < box[0].stop and box[1].start <= click.x < box[1].stop:
                 dist[click.y - box[0].start, click.x - box[1].start] = 0.0
-        peak = float(dist.max())
-        if peak <= 0:
+        if dist.max() <= 0:
             continue
-        score = peak if rule == "peak" else float(area)
-        if best is None or score > best[0] or (score == best[0] and order < best[1]):
-            best = (score, order, positive, box, dist)
-    if best is None:
+        score = float(dist.max()) if rule == "peak" else float(region.sum())
+        candidates.append((score, positive, box, dist))
+    if not candidates:
         return None
-    _, _, positive, box, dist = best
+    _, positive, box, dist = max(candidates, key=lambda c: c[0])
     x, y = _central_peak(dist)
     return Click(x=x + box[1].start, y=y + box[0].start, positive=positive)
 
