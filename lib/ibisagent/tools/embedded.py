@@ -385,13 +385,15 @@ def compute_features(image: np.ndarray, max_size: int = WORK_MAX_SIZE) -> _Featu
     image = check_image(image)
     full_shape = image.shape[:2]
     factor = max(1, int(np.ceil(max(full_shape) / max_size)))
-    rgb = image.astype(np.float32) / 255.0
     is_grey = bool((image[:, :, 0] == image[:, :, 1]).all() and (image[:, :, 1] == image[:, :, 2]).all())
+    # Grey images: one channel carries them (the same values as the mean of three equal channels, ((r + g) + b) / 3
+    # in float32, computed on one).
+    rgb = (image[:, :, :1] if is_grey else image).astype(np.float32) / 255.0
     if factor > 1:
         rgb = _block_mean(rgb, factor).astype(np.float32)
     ridge_strength = None
     if is_grey:
-        raw = rgb.mean(axis=2)
+        raw = (rgb[:, :, 0] + rgb[:, :, 0] + rgb[:, :, 0]) / np.float32(3.0)
         grey = gaussian(raw, SMOOTH_SIGMA)
         noise = max(_noise_sd(grey), 1.0 / 255.0)
         bins, hist, kernel = _likelihood_channel(grey, noise)
