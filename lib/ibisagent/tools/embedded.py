@@ -268,6 +268,14 @@ def upsample(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(a, dtype=np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
+def block_repeat(a: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    """Each pixel of (h, w) ``a`` repeated into a ``factor`` x ``factor`` block, cropped to ``shape`` (at most
+    (h * factor, w * factor)): ``np.repeat(np.repeat(a, factor, 0), factor, 1)[:H, :W]`` in one copy."""
+    h, w = a.shape
+    full = np.broadcast_to(a[:, None, :, None], (h, factor, w, factor)).reshape(h * factor, w * factor)
+    return full[: shape[0], : shape[1]]
+
+
 def lookup(table: np.ndarray, bins: np.ndarray) -> np.ndarray:
     """``table[bins]`` as float32 for a table of at most 256 values and (h, w) uint8 ``bins``, by ``cv2.LUT``
     (the same values, several times faster than numpy's gather)."""
@@ -859,12 +867,14 @@ def _settle(
     mask = mask.copy()
     if keep is not None:
         removed = keep & ~mask
-        if removed.sum() > POSITIVE_REMOVAL_BOUND * keep.sum():
+        if np.count_nonzero(removed) > POSITIVE_REMOVAL_BOUND * np.count_nonzero(keep):
             mask |= keep
     for c in clicks:
         mask[c.y, c.x] = c.positive
-    logits = np.where(mask, np.maximum(logits, LOGIT_MARGIN), np.minimum(logits, -LOGIT_MARGIN)).astype(np.float32)
-    return mask, logits
+    out = np.array(logits, dtype=np.float32)
+    np.maximum(out, LOGIT_MARGIN, out=out, where=mask)
+    np.minimum(out, -LOGIT_MARGIN, out=out, where=~mask)
+    return mask, out
 
 
 class EmbeddedSession(ImageSession):
@@ -966,7 +976,7 @@ class _GridSession(ImageSession):
             # negative clicks' seeds.
             keep = self._full_prior(prior_logits) > 0
             if f.factor > 1:
-                neg = np.repeat(np.repeat(neg, f.factor, axis=0), f.factor, axis=1)[: self.shape[0], : self.shape[1]]
+                neg = block_repeat(neg, f.factor, self.shape)
             keep &= ~neg
         return Prediction(*_settle(mask, logits, clicks, keep))
 
@@ -985,7 +995,7 @@ class _GridSession(ImageSession):
             d_neg = self._click_distance([c for c in clicks if not c.positive])
             veto = np.clip((d_neg - d_pos) / GEO_SCALE, -GEO_CLIP, GEO_POS_CLIP).astype(np.float32)
             g = -(-shape[0] // f.cost.shape[0])
-            unary = unary + np.repeat(np.repeat(veto, g, axis=0), g, axis=1)[: shape[0], : shape[1]]
+            unary = unary + block_repeat(veto, g, shape)
         if prior is not None:
             unary = unary + PRIOR_WEIGHT * np.clip(prior, -LOGIT_CLIP, LOGIT_CLIP)
         anchor = pos if pos.any() else (prior_mask if prior_mask is not None else pos)
