@@ -437,3 +437,30 @@ def test_graph_cut_on_undecided_pixels_equals_numpymaxflow_on_the_whole_grid():
         crop = numpymaxflow.maxflow(np.ascontiguousarray(image[(slice(None), *box)]),
                                     np.ascontiguousarray(prob[(slice(None), *box)]), 1.0, sigma, 4)[0] > 0
         np.testing.assert_array_equal(graph_cut(unary[box], weights.crop(box)), crop)
+
+
+def test_fast_median_and_percentile_equal_numpys():
+    """The encode's medians (noise level) and percentiles (channel ranges, ridge gate, geodesic cost) by histogram
+    selection are numpy's, value and type, on large arrays with ties, heavy tails and both float widths."""
+    from ibisagent.tools.embedded import _median_bin, median, percentile
+
+    rng = np.random.default_rng(6)
+    for trial in range(24):
+        n = int(rng.integers(70_000, 200_000)) + trial % 2
+        kind = trial % 4
+        if kind == 0:
+            x = rng.standard_normal(n)
+        elif kind == 1:
+            x = rng.integers(0, 256, n) / 255.0  # many ties
+        elif kind == 2:
+            x = np.abs(rng.standard_cauchy(n))  # heavy tail: most values in one histogram bin
+        else:
+            x = np.round(rng.random(n) * 3)
+        x = x.astype(np.float32 if trial % 3 else np.float64)
+        for q in [(0.5, 99.5), 95.0, 90.0]:
+            expected, got = np.percentile(x, q), percentile(x, q)
+            assert np.array_equal(expected, got) and np.asarray(expected).dtype == np.asarray(got).dtype
+        assert median(x) == np.median(x) and type(median(x)) is type(np.median(x))
+    for size in range(1, 60):
+        bins = rng.integers(0, 64, size).astype(np.uint8)
+        assert _median_bin(bins) == float(np.median(bins))

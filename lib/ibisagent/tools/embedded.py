@@ -284,10 +284,75 @@ def lookup(table: np.ndarray, bins: np.ndarray) -> np.ndarray:
     return cv2.LUT(np.ascontiguousarray(bins, dtype=np.uint8), lut)
 
 
+#: :func:`order_statistics`: arrays of at least this many values are narrowed by a histogram of this many bins first.
+SELECT_MIN_SIZE = 65536
+SELECT_BINS = 1024
+
+
+def order_statistics(values: np.ndarray, ks: Sequence[int]) -> list:
+    """The ``k``-th smallest value of ``values`` (any shape, flattened) for each ``k`` in ``ks``, numpy scalars of its
+    dtype: ``np.partition(values.ravel(), ks)[ks]``, exactly.
+
+    Large arrays: a histogram (``cv2.calcHist``, SELECT_BINS bins over [min, max]) finds the bins that hold the
+    ``k``-th value; the values in those bins (and one bin either side) are counted against the values below and
+    partitioned alone. When the count shows the value is not there (binning at an edge), the whole array is
+    partitioned: the result is exact either way, several times faster than ``np.partition`` on 512 px images.
+    """
+    flat = np.ravel(values)
+    ks = [int(k) for k in ks]
+    lo = hi = 0.0
+    if flat.size >= SELECT_MIN_SIZE and flat.dtype.kind == "f":
+        lo, hi = float(flat.min()), float(flat.max())
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        part = np.partition(flat, sorted(set(ks)))
+        return [part[k] for k in ks]
+    width = (hi - lo) / SELECT_BINS
+    f32 = flat if flat.dtype == np.float32 else flat.astype(np.float32)
+    cum = np.cumsum(cv2.calcHist([f32.reshape(1, -1)], [0], None, [SELECT_BINS], [lo, hi + width]).ravel())
+    out = []
+    for k in ks:
+        b = int(np.searchsorted(cum, k + 1, side="left"))
+        e_lo, e_hi = flat.dtype.type(lo + (b - 1) * width), flat.dtype.type(lo + (b + 2) * width)
+        below = int(np.count_nonzero(flat < e_lo))
+        chosen = flat[(flat >= e_lo) & (flat < e_hi)]
+        if below <= k < below + chosen.size:
+            out.append(np.partition(chosen, k - below)[k - below])
+        else:
+            out.append(np.partition(flat, k)[k])
+    return out
+
+
+def median(values: np.ndarray):
+    """``np.median(values)`` (all values, no NaN), the same value and type, by :func:`order_statistics`."""
+    flat = np.ravel(values)
+    n = flat.size
+    if n % 2:
+        return order_statistics(flat, [n // 2])[0]
+    return np.mean(np.array(order_statistics(flat, [n // 2 - 1, n // 2]), dtype=flat.dtype))
+
+
+def percentile(values: np.ndarray, q: float | Sequence[float]):
+    """``np.percentile(values, q)`` (linear interpolation, all values, no NaN), the same values and type, by
+    :func:`order_statistics`."""
+    flat = np.ravel(values)
+    n = flat.size
+    virtual = (n - 1) * (np.asarray(q, dtype=np.float64) / 100.0)
+    prev = np.floor(virtual).astype(np.intp)
+    nxt = np.minimum(prev + 1, n - 1)
+    stats = order_statistics(flat, list(np.ravel(prev)) + list(np.ravel(nxt)))
+    a = np.array(stats[: prev.size], dtype=flat.dtype).reshape(prev.shape)
+    b = np.array(stats[prev.size :], dtype=flat.dtype).reshape(prev.shape)
+    gamma = virtual - prev
+    diff = np.subtract(b, a)
+    out = np.asanyarray(np.add(a, diff * gamma))  # numpy's _lerp
+    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5)
+    return out[()] if out.ndim == 0 else out
+
+
 def _noise_sd(grey: np.ndarray) -> float:
     """Robust noise standard deviation of a grey image (MAD of horizontal differences / sqrt(2))."""
     diff = np.diff(grey, axis=1)
-    mad = float(np.median(np.abs(diff - np.median(diff))))
+    mad = float(median(np.abs(diff - median(diff))))
     return 1.4826 * mad / np.sqrt(2.0)
 
 
@@ -345,7 +410,7 @@ def _likelihood_channel(values: np.ndarray, noise: float | None = None) -> tuple
 
 def _unit(values: np.ndarray) -> np.ndarray:
     """Map a channel to [0, 1] by its 0.5 / 99.5 percentiles (float32)."""
-    lo, hi = np.percentile(values, (0.5, 99.5))
+    lo, hi = percentile(values, (0.5, 99.5))
     return np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
 
 
@@ -409,7 +474,7 @@ def compute_features(image: np.ndarray, max_size: int = WORK_MAX_SIZE) -> _Featu
         if GREY_RIDGE_WEIGHT > 0:
             ridge = fast_ridge(grey)
             strength = np.abs(ridge)
-            ridge_strength = (strength / max(float(np.percentile(strength, RIDGE_GATE_PERCENTILE)), 1e-6)).astype(np.float32)
+            ridge_strength = (strength / max(float(percentile(strength, RIDGE_GATE_PERCENTILE)), 1e-6)).astype(np.float32)
             rb, rh, rk = _likelihood_channel(_unit(ridge))
             all_bins = np.stack([bins, rb]); hists = np.stack([hist, rh]); kernels = (kernel, rk)
         fine_bins = np.clip((grey * FINE_BINS).astype(np.int32), 0, FINE_BINS - 1).astype(np.uint8)
@@ -443,7 +508,7 @@ def compute_features(image: np.ndarray, max_size: int = WORK_MAX_SIZE) -> _Featu
         grad = sobel_magnitude(cut_image[0])
     else:
         grad = np.sqrt(sum(sobel_magnitude(ch) ** 2 for ch in cut_image))
-    cost = GEO_BASE_COST + grad / (np.percentile(grad, GRAD_PERCENTILE) + 1e-9)
+    cost = GEO_BASE_COST + grad / (percentile(grad, GRAD_PERCENTILE) + 1e-9)
     geo_factor = max(1, int(np.ceil(max(grey.shape) / GEO_GRID)))
     if geo_factor > 1:
         cost = _block_max(cost, geo_factor)
@@ -649,6 +714,14 @@ class TissueGroup(NamedTuple):
     weakness: float = 0.0
 
 
+def _median_bin(values: np.ndarray) -> float:
+    """``float(np.median(values))`` of a small 1-D array of integer bins (the mean of the two middle values), without
+    ``np.median``'s overhead, which dominated for seed disks of a few dozen pixels."""
+    v = np.sort(values)
+    n = v.size
+    return (float(v[(n - 1) // 2]) + float(v[n // 2])) / 2.0
+
+
 def tissue_groups(
     feats: _Features, clicks: Sequence[Click], pos: np.ndarray, memo: dict[tuple[int, int, bytes], float] | None = None
 ) -> list[TissueGroup]:
@@ -673,7 +746,7 @@ def tissue_groups(
         seed &= pos
         if not seed.any():
             continue
-        level = float(np.median(bins[seed]))
+        level = _median_bin(bins[seed])
         for i, head in enumerate(heads):
             if abs(level - head) <= GROUP_MERGE_BINS:
                 groups[i] |= seed
