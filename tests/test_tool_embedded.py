@@ -411,7 +411,6 @@ def test_graph_cut_on_undecided_pixels_equals_numpymaxflow_on_the_whole_grid():
     scribbles recipe the tool was chosen with) on grey and colour contrast images, smooth and noisy unaries, hard
     seeds, and boxes cropped from a larger grid."""
     import numpymaxflow
-
     from ibisagent.tools.embedded import cut_weights, graph_cut
 
     rng = np.random.default_rng(4)

@@ -1007,8 +1007,8 @@ class EmbeddedSession(ImageSession):
 
 class _GridSession(ImageSession):
     """The embedded tool on one work grid. :meth:`predict` is a pure function of its arguments; the only state it
-    writes are memos of per-click geodesic distances and of tissue groups' weakness (:func:`weak_contrast`):
-    deterministic values, safe to share between threads."""
+    writes are memos of per-click geodesic distances, of tissue groups' weakness (:func:`weak_contrast`) and the graph
+    cut's pairwise weights: deterministic values, safe to share between threads."""
 
     def __init__(self, feats: _Features) -> None:
         self._feats = feats
