@@ -508,3 +508,42 @@ def test_absent_targets_reads_only_what_the_answer_denies(answer: str, targets: 
     from ibisagent.agent import absent_targets
 
     assert absent_targets(answer, targets) == absent
+
+
+class DeadlinePolicy(Policy):
+    """Waits for the call's deadline, then fails as a remote backend cut by it does (the OpenAI-compatible policy
+    raises :class:`PolicyError` at the deadline)."""
+
+    name = "deadline"
+
+    def image_size(self, height: int, width: int) -> tuple[int, int]:
+        return (height, width)
+
+    def generate(self, requests: Sequence[PolicyRequest], options: GenerationOptions) -> list[Generation]:
+        assert options.deadline is not None
+        time.sleep(max(0.0, options.deadline - time.monotonic()))
+        raise PolicyError("no reply by the deadline")
+
+
+class SlowStartSession(ImageSession):
+    """An image session whose initial-mask logits take ``delay`` seconds (a slow episode start)."""
+
+    def __init__(self, inner: ImageSession, delay: float) -> None:
+        self.inner, self.delay, self.shape = inner, delay, inner.shape
+
+    def predict(self, clicks, prior_logits=None):  # type: ignore[no-untyped-def]
+        return self.inner.predict(clicks, prior_logits)
+
+    def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
+        time.sleep(self.delay)
+        return self.inner.logits_from_mask(mask)
+
+
+def test_a_batch_cut_by_the_deadline_stops_every_trajectory_with_the_time_limit(session: ImageSession) -> None:
+    """The deadline of a batched call is the earliest-started trajectory's; one started later (its episode start took
+    longer) must stop with ``time_limit`` too, not ``policy_error`` (a volume request failed instead of stopping)."""
+    slow = SlowStartSession(session, 0.08)
+    jobs = [AgentJob(slow, IMAGE, "Segment the disc.", ("disc",), initial_masks={"disc": DISC}),
+            AgentJob(session, IMAGE, "Segment the disc.", ("disc",))]
+    trajs = run_agents(DeadlinePolicy(), jobs, AgentConfig(time_limit=0.3), None)
+    assert [t.stop_reason for t in trajs] == ["time_limit", "time_limit"], [t.error for t in trajs]

@@ -404,3 +404,62 @@ def test_geodesic_graph_distances_equal_mcp_geometric():
         expected, _ = MCP_Geometric(cost).find_costs(starts)
         got = dijkstra(geodesic_graph(cost), indices=np.ravel_multi_index(np.array(starts).T, shape), min_only=True)
         np.testing.assert_allclose(got.reshape(shape), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_graph_cut_on_undecided_pixels_equals_numpymaxflow_on_the_whole_grid():
+    """:func:`graph_cut` solves only the pixels its unary does not decide; its mask is numpymaxflow's (the MONAI Label
+    scribbles recipe the tool was chosen with) on grey and colour contrast images, smooth and noisy unaries, hard
+    seeds, and boxes cropped from a larger grid."""
+    import numpymaxflow
+    from ibisagent.tools.embedded import cut_weights, graph_cut
+
+    rng = np.random.default_rng(4)
+    for trial in range(60):
+        channels = 1 if trial % 2 else 3
+        h, w = (int(v) for v in rng.integers(3, 70, 2))
+        image = rng.random((channels, h, w)).astype(np.float32)
+        if trial % 3 == 0:
+            image = (np.round(image * 4) / 4).astype(np.float32)  # flat patches: weights of exactly 1
+        unary = rng.normal(0.0, 3.0, (h, w))
+        if trial % 4 < 2:
+            unary = 3.0 * ndimage.gaussian_filter(unary, 2.0)
+        unary = unary.astype(np.float32).astype(np.float64)
+        unary[rng.random((h, w)) < 0.02] = np.inf
+        unary[rng.random((h, w)) < 0.02] = -np.inf
+        sigma = float(rng.uniform(0.05, 0.5))
+        p_fg = np.where(np.isposinf(unary), 1 - 1e-6, np.where(np.isneginf(unary), 1e-6, 1 / (1 + np.exp(-unary))))
+        prob = np.stack([1.0 - p_fg, p_fg]).astype(np.float32)
+        weights = cut_weights(image, sigma)
+        expected = numpymaxflow.maxflow(image, prob, 1.0, sigma, 4)[0] > 0
+        np.testing.assert_array_equal(graph_cut(unary, weights), expected)
+        box = (slice(1, h - 1), slice(0, w - 1))
+        crop = numpymaxflow.maxflow(np.ascontiguousarray(image[(slice(None), *box)]),
+                                    np.ascontiguousarray(prob[(slice(None), *box)]), 1.0, sigma, 4)[0] > 0
+        np.testing.assert_array_equal(graph_cut(unary[box], weights.crop(box)), crop)
+
+
+def test_fast_median_and_percentile_equal_numpys():
+    """The encode's medians (noise level) and percentiles (channel ranges, ridge gate, geodesic cost) by histogram
+    selection are numpy's, value and type, on large arrays with ties, heavy tails and both float widths."""
+    from ibisagent.tools.embedded import _median_bin, median, percentile
+
+    rng = np.random.default_rng(6)
+    for trial in range(24):
+        n = int(rng.integers(70_000, 200_000)) + trial % 2
+        kind = trial % 4
+        if kind == 0:
+            x = rng.standard_normal(n)
+        elif kind == 1:
+            x = rng.integers(0, 256, n) / 255.0  # many ties
+        elif kind == 2:
+            x = np.abs(rng.standard_cauchy(n))  # heavy tail: most values in one histogram bin
+        else:
+            x = np.round(rng.random(n) * 3)
+        x = x.astype(np.float32 if trial % 3 else np.float64)
+        for q in [(0.5, 99.5), 95.0, 90.0]:
+            expected, got = np.percentile(x, q), percentile(x, q)
+            assert np.array_equal(expected, got) and np.asarray(expected).dtype == np.asarray(got).dtype
+        assert median(x) == np.median(x) and type(median(x)) is type(np.median(x))
+    for size in range(1, 60):
+        bins = rng.integers(0, 64, size).astype(np.uint8)
+        assert _median_bin(bins) == float(np.median(bins))

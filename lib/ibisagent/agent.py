@@ -190,18 +190,22 @@ def run_agents(
             break
         requests = [env.observation.request for env in active]
         start = time.perf_counter()
+        options = _call_options(config, [t0 for env, t0 in zip(envs, started) if not env.done])
         try:
-            generations = policy.generate(requests, _call_options(
-                config, [t0 for env, t0 in zip(envs, started) if not env.done]))
+            generations = policy.generate(requests, options)
             if len(generations) != len(requests):
                 raise PolicyError(f"policy {getattr(policy, 'name', type(policy).__name__)} returned "
                                   f"{len(generations)} replies for {len(requests)} requests")
         except PolicyError as exc:
-            # a call cut by the time limit's deadline is the time limit, not a failing backend
+            # a call cut by the time limit's deadline is the time limit, not a failing backend; the deadline is the
+            # earliest-started trajectory's, so a batch cut by it stops with the time limit as a whole (a trajectory
+            # started a few milliseconds later has not reached its own limit yet)
+            deadline = options.deadline
+            cut = config.time_limit is not None and deadline is not None and time.monotonic() >= deadline
             now = time.perf_counter()
             for env, t0 in zip(envs, started):
                 if not env.done:
-                    out_of_time = config.time_limit is not None and now - t0 >= config.time_limit
+                    out_of_time = config.time_limit is not None and (cut or now - t0 >= config.time_limit)
                     env.stop("time_limit" if out_of_time else "policy_error", str(exc))
             continue
         wall = time.perf_counter() - start
