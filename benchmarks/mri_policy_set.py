@@ -15,7 +15,9 @@ the tissue classes by a 3-class multi-Otsu inside the brain: on the T1 slices wh
 grey matter the middle one; on the T2-like EPI/b0 slices (tissue contrast too low for white/grey matter) the brightest
 class is the cerebrospinal fluid (ventricles and sulci). Every slice also gets one absent target
 (a name cycled from :data:`ABSENT`, empty mask). The test manifest holds every third slice of each volume, so its
-images never appear in training.
+images never appear in training — though their neighbours do (adjacent slices of one volume look alike: a test of
+generalisation across slices, not across patients). Slices are resized to ``SIZE`` × ``SIZE`` (non-square slices are
+stretched).
 
 Run: ``PYTHONPATH=lib:benchmarks .venv/bin/python benchmarks/mri_policy_set.py OUT``.
 """
@@ -85,23 +87,23 @@ def write_set(out: Path, size: int = SIZE) -> tuple[int, int]:
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     lines: dict[str, list[str]] = {"train": [], "test": []}
-    slices: list[tuple[str, np.ndarray, str, bool]] = []
+    slices: list[tuple[str, np.ndarray, str, bool, int]] = []  # name, slice, contrast, skull-stripped, index in volume
     for name, (volume, contrast) in _volumes().items():
         z0, z1 = int(0.15 * volume.shape[2]), int(np.ceil(0.9 * volume.shape[2]))
-        for z in range(z0, max(z1, z0 + 1)):
-            slices.append((f"{name}_{z:02d}", volume[:, :, z], contrast, not name.startswith("anat")))
+        for k, z in enumerate(range(z0, max(z1, z0 + 1))):
+            slices.append((f"{name}_{z:02d}", volume[:, :, z], contrast, not name.startswith("anat"), k))
     t1 = _dipy_t1()
-    if t1 is not None:
-        slices += [("dipy_cor", t1, "T1", True), ("dipy_cor_flip", np.fliplr(t1).copy(), "T1", True)]
+    if t1 is not None:  # one slice and its mirror image: one volume, both on the training side
+        slices += [("dipy_cor", t1, "T1", True, 0), ("dipy_cor_flip", np.fliplr(t1).copy(), "T1", True, 1)]
     absent_i = 0
-    for i, (name, intensity, contrast, stripped) in enumerate(slices):
+    for name, intensity, contrast, stripped, k in slices:
         if np.ptp(intensity) <= 0:
             continue
         rgb = to_display(transform.resize(intensity, (size, size), order=3, mode="edge"))
         labels = slice_labels(rgb[:, :, 0], contrast, stripped)
         if not labels:
             continue
-        split = "test" if i % 3 == 2 else "train"
+        split = "test" if k % 3 == 2 else "train"
         Image.fromarray(rgb[:, :, 0]).save(images / f"{name}.png")
         for target, mask in labels.items():
             mask_file = f"{name}_{target.replace(' ', '_')}.png"

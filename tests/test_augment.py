@@ -44,7 +44,8 @@ def test_flip_only_when_allowed():
     kept, masks = augment_case(rgb, {"disc": mask}, np.random.default_rng(0), allow_flip=False, settings=fixed)
     assert np.array_equal(masks["disc"], mask) and np.array_equal(kept, rgb)
     assert has_laterality("Segment the left kidney.") and has_laterality(None, "Right lung")
-    assert not has_laterality("Segment the brain.", "white matter", "bright spot")
+    assert has_laterality("Segment the liver.") and has_laterality(None, "spleen")
+    assert has_laterality("liver lesion") and not has_laterality("Segment the brain.", "white matter", "deliverance")
 
 
 def test_manifest_variants_are_reproducible_and_load_as_cases(tmp_path):
@@ -78,7 +79,10 @@ def test_manifest_variants_are_reproducible_and_load_as_cases(tmp_path):
         if case.id.startswith("ct_kidneys"):
             right = load_case(case).targets["right kidney"]
             assert np.nonzero(right)[1].mean() < right.shape[1] / 2
-    assert augment_manifest(manifest, tmp_path / "a", 3, seed=9, progress=False) == first  # finished: reused
+    again = augment_manifest(manifest, tmp_path / "a", 2, seed=5, progress=False)  # finished, same settings: reused
+    assert again == first and [c.id for c in read_cases(again)] == [c.id for c in cases]
+    more = augment_manifest(manifest, tmp_path / "a", 3, seed=5, progress=False)  # other settings: rebuilt
+    assert len(read_cases(more)) == 3 * len(pick)
 
 
 @pytest.mark.parametrize("n_cases, minutes, expected", [(200, 45, 6), (13, 50, 20), (2000, 45, 0), (0, 45, 0)])

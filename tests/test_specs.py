@@ -50,3 +50,16 @@ def test_conf_paths_and_their_folders_are_scrubbed_from_text() -> None:
 
 def test_a_bare_relative_name_is_not_a_root_to_scrub() -> None:
     assert conf_locations({"policy": "hf:policy", "tool": "medsam2:/x.pt"}) == ["/x.pt"]
+
+
+def test_relative_conf_paths_hide_their_absolute_form_and_leave_words_alone():
+    import os
+
+    from ibisagent.server.redact import ServerPaths, conf_locations
+
+    paths = ServerPaths(conf_locations({"policy": "hf:models/qwen", "train_manifest": "data/train.jsonl"}))
+    reply = '{"models": {"ibisagent": {}}, "data": 1, "datastore": "x", "note": "metadata"}'
+    assert paths.scrub(reply) == reply  # /info's "models" key and ordinary words survive
+    here = os.path.abspath("models")
+    assert paths.scrub(f"cannot load {here}/qwen/config.json") == "cannot load <server>/config.json"
+    assert paths.scrub(f"{here}2/x") == f"{here}2/x"  # a longer name is another path

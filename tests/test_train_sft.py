@@ -163,8 +163,17 @@ def test_time_decay_lowers_the_learning_rate_over_the_budget(tmp_path, tiny):
     from ibisagent.train.sft import run_sft
 
     data = write_sft_dataset(tmp_path / "data", rows=2)
-    config = SFTRunConfig(model=str(tiny), max_steps=4, learning_rate=5e-3, save_steps=10, max_seconds=120,
+    config = SFTRunConfig(model=str(tiny), max_steps=4, learning_rate=5e-3, save_steps=10, max_seconds=600,
                           time_decay=True)
     result = run_sft(config, data, tmp_path / "run")
     rates = [h["learning_rate"] for h in result.log_history if "learning_rate" in h]
     assert len(rates) == 4 and all(0 < b < a <= 5e-3 for a, b in zip(rates, rates[1:]))
+    # the clock, not the step count, sets the rate: 4 steps of a 4-step run in seconds of a 600 s budget
+    assert rates[-1] > 0.9 * 5e-3
+
+
+def test_time_decay_without_a_budget_is_refused():
+    from ibisagent.train.config import ConfigError, SFTRunConfig, from_mapping
+
+    with pytest.raises(ConfigError, match="time_decay needs max_seconds"):
+        from_mapping(SFTRunConfig, {"time_decay": True})

@@ -7,14 +7,15 @@ contrast change and sensor noise — and moves every mask with the same transfor
 expert's clicks on the new picture are right for it. :func:`augment_manifest` writes the copies as PNG cases of a
 new manifest, which then go through the same simulation and SFT builder as the originals.
 
-The flip is skipped when the instruction or a target name carries laterality (``left``/``right``): a flipped
-"left kidney" would be the right one. Sources: the usual geometric and intensity augmentations of medical image
+The flip is skipped when the instruction or a target name carries laterality (``left``/``right``, or an organ of
+one side such as the liver): a flipped "left kidney" would be the right one. Sources: the usual geometric and intensity augmentations of medical image
 segmentation (e.g. MONAI's ``RandAffine``, ``RandFlip``, ``RandAdjustContrast``, ``RandGaussianNoise``), done here on
 the 8-bit display picture with OpenCV because the cases are already in display space.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,10 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _LATERAL = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+#: Organs that lie on one side of the body: a flipped picture of them teaches mirrored anatomy.
+ONE_SIDED = ("liver", "spleen", "stomach", "heart", "aorta", "gallbladder", "gall bladder", "pancreas", "appendix",
+             "caecum", "cecum", "sigmoid", "vena cava", "duodenum")
+_ONE_SIDED = re.compile(r"\b(" + "|".join(re.escape(o) for o in ONE_SIDED) + r")\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -45,9 +50,15 @@ class AugmentSettings:
     noise: float = 3.0
 
 
+def is_variant(case_id: str) -> bool:
+    """Whether ``case_id`` names a variant written by :func:`augment_manifest` (``<id>.aug<k>``)."""
+    return re.search(r"\.aug\d+$", case_id) is not None
+
+
 def has_laterality(*texts: str | None) -> bool:
-    """Whether any of ``texts`` names a side (``left``/``right`` as a word)."""
-    return any(bool(t) and bool(_LATERAL.search(t)) for t in texts)
+    """Whether any of ``texts`` names a side (``left``/``right`` as a word) or an organ that lies on one side of the
+    body (:data:`ONE_SIDED`)."""
+    return any(bool(t) and bool(_LATERAL.search(t) or _ONE_SIDED.search(t)) for t in texts)
 
 
 def augment_case(
@@ -117,9 +128,10 @@ def augment_manifest(
     new manifest (``out_dir/manifest.jsonl``; ids ``<id>.aug<k>``).
 
     A variant is drawn again (up to 5 times, then left out) when a present target keeps under ``min_kept`` of its
-    pixels. Cases with an ``initial_mask`` are not augmented (the prior would need the same transform). Existing
-    output is reused: a killed run started again continues. Raises :class:`~ibisagent.data.manifest.CaseError` for
-    an unloadable case, like the simulator.
+    pixels. Cases with an ``initial_mask`` are not augmented (the prior would need the same transform). A finished
+    output made with the same source, ``copies``, ``seed`` and settings (``out_dir/stamp.json``) is reused; any
+    other output is rebuilt (a killed run starts its variants again). Raises
+    :class:`~ibisagent.data.manifest.CaseError` for an unloadable case, like the simulator.
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -130,8 +142,11 @@ def augment_manifest(
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     target = out / "manifest.jsonl"
-    if target.is_file():
+    stamp = json.dumps({"manifest": str(Path(manifest).resolve()), "copies": copies, "seed": seed,
+                        "min_kept": min_kept, "settings": dataclasses.asdict(settings)}, sort_keys=True)
+    if target.is_file() and (out / "stamp.json").is_file() and (out / "stamp.json").read_text() == stamp:
         return target
+    target.unlink(missing_ok=True)
     lines: list[str] = []
     for case in tqdm(read_cases(manifest), desc="augment", unit="case", disable=not progress):
         if case.initial_mask is not None:
@@ -165,9 +180,10 @@ def augment_manifest(
             if case.answer is not None:
                 line["answer"] = case.answer
             lines.append(json.dumps(line))
+    atomic_write_text(out / "stamp.json", stamp)
     atomic_write_text(target, "".join(line + "\n" for line in lines))
     logger.info("augment: %d variants of the cases of %s → %s", len(lines), manifest, target)
     return target
 
 
-__all__ = ["AugmentSettings", "augment_case", "augment_manifest", "has_laterality"]
+__all__ = ["ONE_SIDED", "AugmentSettings", "augment_case", "augment_manifest", "has_laterality", "is_variant"]

@@ -156,7 +156,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0, *, hid
 
     Deterministic given ``seed``; a few hundred kB at the defaults; builds in about a second on CPU. ``hidden_size``
     (a multiple of 16) and ``num_layers`` size the language model, ``vision_hidden_size`` (a multiple of 16) the
-vision tower's width (the training recipe uses larger ones),
+    vision tower's width (the training recipe uses larger ones),
     ``max_pixels`` the image budget; ``corpus`` adds text the tokenizer is trained on (the prompt wording, the
     instructions: fewer tokens per turn) within ``vocab_size``; each of ``phrases`` (fixed texts every row repeats,
     such as the system prompt) becomes one token of its own, so a row costs a few hundred tokens less to train on
@@ -199,8 +199,8 @@ vision tower's width (the training recipe uses larger ones),
     text_hidden = int(hidden_size)
     if text_hidden % 16:
         raise ValueError(f"hidden_size must be a multiple of 16, got {hidden_size}")
-    if int(vision_hidden_size) % 16:
-        raise ValueError(f"vision_hidden_size must be a multiple of 16, got {vision_hidden_size}")
+    if int(vision_hidden_size) <= 0 or int(vision_hidden_size) % 16:
+        raise ValueError(f"vision_hidden_size must be a positive multiple of 16, got {vision_hidden_size}")
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": vocab,

@@ -34,21 +34,27 @@ def conf_locations(conf: Mapping[str, Any]) -> list[str]:
             continue
         folder = os.path.dirname(location.rstrip("/"))
         if folder:  # a bare name (``hf:policy`` run from its folder) shows no server path
-            roots.append(location if folder == "/" else folder)
+            # a relative path is hidden as the absolute one it names: its bare folder word (``models``) is also an
+            # ordinary word of replies (``/info``'s "models" key) and is not a server path on its own
+            absolute = os.path.abspath(location if folder == "/" else folder)
+            roots.append(absolute)
     return roots
 
 
 class ServerPaths:
     """Replaces every occurrence of the given roots (and anything below them) with ``<server>`` (plus the file name):
-    ``/srv/studies/x/img.nii.gz`` → ``<server>/img.nii.gz``. Roots of one character (``/``) are ignored."""
+    ``/srv/studies/x/img.nii.gz`` → ``<server>/img.nii.gz``. Roots of one character (``/``) are ignored; relative
+    roots are taken as the absolute paths they name (a bare relative word is not a path to hide)."""
 
     def __init__(self, roots: Iterable[str]) -> None:
         roots = [str(r) for r in roots if r]
-        found = {os.path.realpath(r) for r in roots if "://" not in r} | {r.rstrip("/") for r in roots}
+        found = {os.path.realpath(r) for r in roots if "://" not in r}
+        found |= {r.rstrip("/") for r in roots if "://" in r or os.path.isabs(r)}
         found = {r for r in found if len(r) > 1}
         parts = sorted(found, key=len, reverse=True)
-        self._pattern = re.compile("(" + "|".join(re.escape(p) for p in parts) + r")(/[^\s'\",;)\]]*)?") \
-            if parts else None
+        # a root counts only as a whole path: not inside a longer name, and followed by "/…" or a delimiter
+        self._pattern = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(p) for p in parts)
+                                   + r")(?:(/[^\s'\",;)\]]*)|(?![\w.-]))") if parts else None
 
     def scrub(self, text: str) -> str:
         """``text`` with the roots replaced."""

@@ -161,7 +161,10 @@ def trainer_callbacks(out_dir: str | os.PathLike[str], max_seconds: float | None
             os.replace(tmp, progress_file)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, lr_scheduler: Any = None, **kw: Any):
-            if time_decay and max_seconds and hasattr(lr_scheduler, "lr_lambdas"):
+            if time_decay:
+                if not max_seconds or not hasattr(lr_scheduler, "lr_lambdas"):
+                    raise ValueError(f"time_decay needs max_seconds (got {max_seconds}) and a lambda scheduler "
+                                     f"(got {type(lr_scheduler).__name__})")
                 warmup = args.get_warmup_steps(state.max_steps)
 
                 def factor(step: int) -> float:

@@ -60,7 +60,8 @@ class TrainCommon:
     time_decay: bool = field(
         default=False,
         metadata={"help": "with max_seconds: the learning rate falls linearly to 0 over the time budget (after the "
-                          "warm-up), instead of over the step count; a resumed run decays over a new budget"},
+                          "warm-up, counted in steps), instead of over the step count; a resumed run starts a new "
+                          "budget from its checkpoint, at the peak rate"},
     )
 
 
@@ -131,7 +132,10 @@ def from_mapping(cls: type[C], values: dict[str, Any], where: str = "") -> C:
                 raise ConfigError(f"{where}rewards: {exc}") from exc
             value = {**GRPORunConfig().rewards, **{k: float(v) for k, v in value.items()}}
         kwargs[key] = value
-    return cls(**kwargs)
+    config = cls(**kwargs)
+    if getattr(config, "time_decay", False) and not getattr(config, "max_seconds", None):
+        raise ConfigError(f"{where}time_decay needs max_seconds (the time budget the learning rate decays over)")
+    return config
 
 
 def load_config(cls: type[C], path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> C:

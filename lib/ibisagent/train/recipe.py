@@ -50,7 +50,8 @@ HOLDOUT = 0.2
 #: a tiny policy trained on a few dozen images learns their click positions instead of reading the image.
 CASES_PER_MINUTE = 30
 MAX_VARIANTS = 20
-#: The small model: language hidden size and layers (≈1.7 M parameters), the image budget (224 × 224 px, 64 tokens).
+#: The small model: language hidden size and layers, vision width (≈1.8 M parameters), the image budget (224 × 224 px,
+#: 64 tokens).
 HIDDEN_SIZE = 192
 NUM_LAYERS = 4
 VISION_HIDDEN_SIZE = 64
@@ -150,8 +151,10 @@ def _write_lines(path: Path, lines: Sequence[dict[str, Any]]) -> Path:
 
 def blind_baseline(trajectories: Path, test_manifest: Path, tool_spec: str = "embedded") -> dict[str, Any]:
     """The image-blind baseline: each target name's mean first click (relative) over the training trajectories
-    (all targets' mean for unseen names), clicked on every held-out image. Returns the share of first clicks inside
-    the target and the mean IoU of the tool's mask from that one click (present targets)."""
+    (all targets' mean for unseen names; augmented variants left out, their shifts and flips move the mean away from
+    where real cases have it), clicked on every held-out image. Returns the share of first clicks inside the target
+    and the mean IoU of the tool's mask from that one click (present targets)."""
+    from ibisagent.data.augment import is_variant
     from ibisagent.data.manifest import load_case, read_cases
     from ibisagent.data.trajectory import read_trajectories
     from ibisagent.metrics import iou
@@ -160,6 +163,8 @@ def blind_baseline(trajectories: Path, test_manifest: Path, tool_spec: str = "em
 
     firsts: dict[str, list[tuple[float, float]]] = {}
     for record in read_trajectories(trajectories):
+        if is_variant(record.id):
+            continue
         for step in record.steps:
             if step.clicks:
                 c = step.clicks[0]
@@ -282,7 +287,8 @@ def run_recipe(
     sft_data = out / "sft_data"
     if not (sft_data / "dataset_info.json").is_file():
         build_sft(trajectories, sft_data, history="off", reflective=ReflectiveRatios(0.3, 0.2), seed=seed,
-                  manifest=expert_manifest, min_pixels=56 * 56, max_pixels=MAX_PIXELS, workers=2, progress=progress)
+                  manifest=expert_manifest, min_pixels=56 * 56, max_pixels=MAX_PIXELS,
+                  workers=max(1, min(4, os.cpu_count() or 1)), progress=progress)
     base = out / "base"
     if not (base / "config.json").is_file():
         build_tiny_qwen2_5_vl(base, seed=seed, hidden_size=HIDDEN_SIZE, num_layers=NUM_LAYERS, max_pixels=MAX_PIXELS,
