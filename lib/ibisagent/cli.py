@@ -292,8 +292,8 @@ def _load_policy(spec: str | None, device: str, progress: bool = True):  # noqa:
     from ibisagent.policies import has_bundled_policy
 
     if spec is None and has_bundled_policy():
-        log.warning("no --policy given: using the bundled policy, a 1.7 M-parameter model trained on the sample data "
-                    "on a CPU (docs/TRAINING.md has its measured figures); pass hf:PATH / openai:URL#MODEL / "
+        log.warning("no --policy given: using the bundled policy, a 1.8 M-parameter model trained on real-MRI "
+                    "slices and the sample data on a CPU (docs/TRAINING.md has its measured figures); pass hf:PATH / openai:URL#MODEL / "
                     "vllm:PATH for a real checkpoint")
         spec = "bundled"
     elif spec is None:
