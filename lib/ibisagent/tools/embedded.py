@@ -69,7 +69,7 @@ scribbles graph cut, geodesic distance and random walker under the oracle click 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -980,12 +980,7 @@ class EmbeddedSession(ImageSession):
         (:func:`ibisagent.clicks.predict_in_order` does the latter for any tool).
         """
         check_clicks(clicks, self.shape)
-        if prior_logits is None and len(clicks) > 1:
-            prediction = self._grid(clicks[:1])._step(clicks[:1], None)
-            for n in range(2, len(clicks) + 1):
-                prediction = self._grid(clicks[:n])._step(clicks[:n], prediction.logits)
-            return prediction
-        return self._grid(clicks)._step(clicks, prior_logits)
+        return _chained(clicks, prior_logits, lambda cs, prior: self._grid(cs)._step(cs, prior))
 
     def _grid(self, clicks: Sequence[Click]) -> _GridSession:
         """The work grid for a step: the finer one when the positive seeds sit on thin curves."""
@@ -1003,6 +998,18 @@ class EmbeddedSession(ImageSession):
     def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
         """(H, W) float32 log-odds of an existing mask (±:data:`LLR_CLIP`), to refine it as if the tool had made it."""
         return self._blob.logits_from_mask(mask)
+
+
+def _chained(clicks: Sequence[Click], prior_logits: np.ndarray | None,
+             step: Callable[[Sequence[Click], np.ndarray | None], Prediction]) -> Prediction:
+    """``step`` on all clicks, or — several clicks at once without a prior — on each prefix in turn, every step
+    chained to the previous one's logits (the same answer as clicks sent one by one)."""
+    if prior_logits is None and len(clicks) > 1:
+        prediction = step(clicks[:1], None)
+        for n in range(2, len(clicks) + 1):
+            prediction = step(clicks[:n], prediction.logits)
+        return prediction
+    return step(clicks, prior_logits)
 
 
 class _GridSession(ImageSession):
@@ -1027,12 +1034,7 @@ class _GridSession(ImageSession):
         (:func:`ibisagent.clicks.predict_in_order` does the latter for any tool).
         """
         check_clicks(clicks, self.shape)
-        if prior_logits is None and len(clicks) > 1:
-            prediction = self._step(clicks[:1], None)
-            for n in range(2, len(clicks) + 1):
-                prediction = self._step(clicks[:n], prediction.logits)
-            return prediction
-        return self._step(clicks, prior_logits)
+        return _chained(clicks, prior_logits, self._step)
 
     def _step(self, clicks: Sequence[Click], prior_logits: np.ndarray | None) -> Prediction:
         """One chained step: ``clicks[-1]`` is the new click, ``prior_logits`` the result of ``clicks[:-1]``."""
