@@ -16,6 +16,7 @@ the 8-bit display picture with OpenCV because the cases are already in display s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -129,7 +130,8 @@ def augment_manifest(
 
     A variant is drawn again (up to 5 times, then left out) when a present target keeps under ``min_kept`` of its
     pixels. Cases with an ``initial_mask`` are not augmented (the prior would need the same transform). A finished
-    output made with the same source, ``copies``, ``seed`` and settings (``out_dir/stamp.json``) is reused; any
+    output made from the same manifest (path and content), ``copies``, ``seed`` and settings (``out_dir/stamp.json``)
+    is reused; any
     other output is rebuilt (a killed run starts its variants again). Raises
     :class:`~ibisagent.data.manifest.CaseError` for an unloadable case, like the simulator.
     """
@@ -142,7 +144,9 @@ def augment_manifest(
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     target = out / "manifest.jsonl"
-    stamp = json.dumps({"manifest": str(Path(manifest).resolve()), "copies": copies, "seed": seed,
+    source = Path(manifest).resolve()
+    stamp = json.dumps({"manifest": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+                        "copies": copies, "seed": seed,
                         "min_kept": min_kept, "settings": dataclasses.asdict(settings)}, sort_keys=True)
     if target.is_file() and (out / "stamp.json").is_file() and (out / "stamp.json").read_text() == stamp:
         return target
