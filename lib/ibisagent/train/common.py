@@ -125,6 +125,28 @@ def last_checkpoint(out_dir: str | os.PathLike[str]) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def training_arguments(config: Any, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``TrainingArguments`` both stages take alike from a :class:`~ibisagent.train.config.TrainCommon` config
+    (checkpoints under ``out_dir``; the schedule constant after the warm-up when ``time_decay`` drives it)."""
+    return {
+        "output_dir": str(Path(out_dir) / CHECKPOINTS),
+        "gradient_accumulation_steps": config.grad_accum,
+        "learning_rate": config.learning_rate,
+        "num_train_epochs": config.epochs,
+        "max_steps": config.max_steps,
+        "warmup_steps": config.warmup_ratio,
+        "lr_scheduler_type": "constant_with_warmup" if config.time_decay else "linear",
+        "logging_steps": config.logging_steps,
+        "save_steps": config.save_steps,
+        "save_total_limit": config.save_total_limit,
+        "bf16": config.bf16,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "seed": config.seed,
+        "report_to": [],
+        "dataloader_num_workers": 0,
+    }
+
+
 def trainer_callbacks(out_dir: str | os.PathLike[str], max_seconds: float | None, metric: str,
                       time_decay: bool = False) -> list[Any]:
     """A callback that writes :data:`PROGRESS` after every log and stops training past ``max_seconds``; with

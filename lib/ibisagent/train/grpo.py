@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from ibisagent.train.common import (
-    CHECKPOINTS,
     POLICY,
     last_checkpoint,
     load_model,
@@ -35,6 +34,7 @@ from ibisagent.train.common import (
     resolve_model,
     save_policy,
     trainer_callbacks,
+    training_arguments,
 )
 from ibisagent.train.config import GRPORunConfig, to_dict
 from ibisagent.train.environment import EnvSettings, factory, make_env, to_content_blocks
@@ -155,30 +155,16 @@ def grpo_args(config: GRPORunConfig, out: Path, processor: Any = None) -> Any:
         kwargs.update(use_vllm=True, vllm_mode=config.vllm_mode,
                       vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization)
     return GRPOConfig(
-        output_dir=str(out / CHECKPOINTS),
         beta=config.beta,
         loss_type=config.loss_type,
         num_generations=config.num_generations,
         per_device_train_batch_size=config.batch_size * config.num_generations,
-        gradient_accumulation_steps=config.grad_accum,
         max_completion_length=config.max_completion_length,
         max_tool_calling_iterations=(config.max_turns - 1) if config.mode == "rollout" else 0,
         temperature=config.temperature,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        warmup_steps=config.warmup_ratio,
-        lr_scheduler_type="constant_with_warmup" if config.time_decay else "linear",
         reward_weights=RewardWeights.from_mapping(config.rewards).as_list(),
-        logging_steps=config.logging_steps,
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        bf16=config.bf16,
-        gradient_checkpointing=config.gradient_checkpointing,
-        seed=config.seed,
-        report_to=[],
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        **training_arguments(config, out),
         **kwargs,
     )
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from ibisagent.train.common import (
-    CHECKPOINTS,
     POLICY,
     last_checkpoint,
     load_model,
@@ -34,6 +33,7 @@ from ibisagent.train.common import (
     resolve_model,
     save_policy,
     trainer_callbacks,
+    training_arguments,
 )
 from ibisagent.train.config import SFTRunConfig, to_dict
 
@@ -182,25 +182,11 @@ def run_sft(
 
     model = load_model(model_path, config)
     args = SFTConfig(
-        output_dir=str(out / CHECKPOINTS),
         assistant_only_loss=True,
         max_length=None,  # rows are checked above; trl would otherwise truncate through image tokens
         per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        warmup_steps=config.warmup_ratio,
-        lr_scheduler_type="constant_with_warmup" if config.time_decay else "linear",
-        logging_steps=config.logging_steps,
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        bf16=config.bf16,
-        gradient_checkpointing=config.gradient_checkpointing,
-        seed=config.seed,
-        report_to=[],
-        dataloader_num_workers=0,
         disable_tqdm=False,
+        **training_arguments(config, out),
     )
     trainer = SFTTrainer(
         model=model,
