@@ -516,3 +516,32 @@ def test_fixed_phrases_are_one_token_each_and_the_text_is_unchanged(tmp_path: Pa
     ids = short.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert short.tokenizer.decode(ids) == text
     assert len(ids) * 4 < len(plain.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _image_token_rotations(model, grid: int):
+    """The language model's rotary angles (cos, sin) for each token of a ``grid`` × ``grid`` image: (grid², dim)."""
+    import torch
+
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    positions = torch.stack([torch.zeros(grid * grid, dtype=torch.long), rows.flatten(), cols.flatten()])[:, None, :]
+    rotary = model.model.language_model.rotary_emb
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    return torch.cat([cos[0], sin[0]], dim=-1)
+
+
+@pytest.mark.parametrize("theta", [None, 1_000_000.0])
+def test_image_tokens_carry_both_axes_of_position_in_the_language_model(tmp_path: Path, theta) -> None:
+    """With the tiny model's RoPE base, two image tokens one row or one column apart get rotary angles that differ
+    clearly (≥ 0.1) over the 8 × 8 token grid of a 224 px image; with Qwen's 1e6 base the width axis is invisible —
+    why :data:`~ibisagent.policies.tiny.TINY_ROPE_THETA` is not 1e6."""
+    from transformers import AutoModelForImageTextToText
+
+    kwargs = {} if theta is None else {"rope_theta": theta}
+    model = AutoModelForImageTextToText.from_pretrained(build_tiny_qwen2_5_vl(tmp_path / "m", **kwargs))
+    angles = _image_token_rotations(model, 8).reshape(8, 8, -1)
+    row_step = (angles[1:] - angles[:-1]).abs().amax(dim=-1)        # one row down, each column
+    col_step = (angles[:, 1:] - angles[:, :-1]).abs().amax(dim=-1)  # one column right, each row
+    if theta is None:
+        assert float(row_step.min()) >= 0.1 and float(col_step.min()) >= 0.1
+    else:
+        assert float(col_step.max()) < 1e-3

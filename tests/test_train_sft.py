@@ -116,6 +116,37 @@ def test_full_finetuning_freezes_vision(tiny):
     assert any(p.requires_grad for n, p in model.named_parameters() if "language_model" in n)
 
 
+def test_train_vision_trains_the_tower_of_a_model_built_from_scratch(tmp_path, tiny):
+    """``train_vision`` (the recipe's setting for its from-scratch model): the saved tower differs from the random
+    one it started from; without it the saved tower is the starting one, bit for bit."""
+    from safetensors.torch import load_file
+
+    from ibisagent.train.config import LoraSettings, SFTRunConfig
+    from ibisagent.train.sft import run_sft
+
+    data = write_sft_dataset(tmp_path / "data", rows=2)
+    start = {k: v for k, v in load_file(str(tiny / "model.safetensors")).items() if ".visual." in f".{k}"}
+    assert start
+    for train_vision in (False, True):
+        config = SFTRunConfig(model=str(tiny), max_steps=2, learning_rate=5e-3, save_steps=10,
+                              lora=LoraSettings(enabled=False), train_vision=train_vision)
+        result = run_sft(config, data, tmp_path / f"run_{train_vision}")
+        saved = load_file(str(result.policy / "model.safetensors"))
+        changed = [k for k, v in start.items() if not bool((saved[k] == v).all())]
+        if train_vision:
+            assert any("merger" in k for k in changed) and any("blocks" in k for k in changed)
+        else:
+            assert changed == []
+
+
+def test_train_vision_with_lora_is_refused():
+    from ibisagent.train.config import ConfigError, SFTRunConfig, from_mapping
+
+    with pytest.raises(ConfigError, match="train_vision needs full fine-tuning"):
+        from_mapping(SFTRunConfig, {"train_vision": True})
+    assert from_mapping(SFTRunConfig, {"train_vision": True, "lora": {"enabled": False}}).train_vision
+
+
 def test_sft_steps_lower_the_loss_and_the_policy_reloads(tmp_path, tiny, monkeypatch):
     from ibisagent.agent import AgentConfig, run_agent
     from ibisagent.policies import load_policy

@@ -58,13 +58,14 @@ def load_processor(path: str | os.PathLike[str], config: TrainCommon) -> Any:
 
 
 def load_model(path: str | os.PathLike[str], config: TrainCommon) -> Any:
-    """The Qwen2.5-VL model in fp32 (bf16 when ``config.bf16``), vision tower frozen."""
+    """The Qwen2.5-VL model in fp32 (bf16 when ``config.bf16``), vision tower frozen unless ``config.train_vision``."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    freeze_vision(model)
+    if not config.train_vision:
+        freeze_vision(model)
     return model
 
 

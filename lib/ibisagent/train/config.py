@@ -50,6 +50,11 @@ class TrainCommon:
     warmup_ratio: float = field(default=0.0, metadata={"help": "share of steps with linear warm-up"})
     min_pixels: int | None = field(default=None, metadata={"help": "image pixel budget (default: the model's own)"})
     max_pixels: int | None = field(default=None, metadata={"help": "image pixel budget (the authors used 262144)"})
+    train_vision: bool = field(
+        default=False,
+        metadata={"help": "also train the vision tower and its merger (full fine-tuning only): for a model built from "
+                          "scratch, whose tower is random; a pretrained tower stays frozen, as the paper trains it"},
+    )
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPUs)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
     save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (resume point)"})
@@ -135,6 +140,9 @@ def from_mapping(cls: type[C], values: dict[str, Any], where: str = "") -> C:
     config = cls(**kwargs)
     if getattr(config, "time_decay", False) and not getattr(config, "max_seconds", None):
         raise ConfigError(f"{where}time_decay needs max_seconds (the time budget the learning rate decays over)")
+    if getattr(config, "train_vision", False) and config.lora.enabled:
+        raise ConfigError(f"{where}train_vision needs full fine-tuning (lora: {{enabled: false}}): LoRA adapters "
+                          "train the language model only")
     return config
 
 

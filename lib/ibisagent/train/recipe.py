@@ -301,7 +301,8 @@ def run_recipe(
 
     # 4. SFT
     t0 = time.monotonic()
-    sft_config = SFTRunConfig(model=str(base), lora=LoraSettings(enabled=False), learning_rate=2e-3, epochs=1000,
+    sft_config = SFTRunConfig(model=str(base), lora=LoraSettings(enabled=False), train_vision=True,
+                              learning_rate=2e-3, epochs=1000,
                               batch_size=4, max_seconds=sft_seconds, time_decay=True, save_steps=100,
                               max_length=4096, seed=seed)
     sft_policy = out / "sft" / "policy"
@@ -313,6 +314,7 @@ def run_recipe(
     # 5. GRPO, rollout mode
     t0 = time.monotonic()
     grpo_config = GRPORunConfig(model=str(sft_policy), mode="rollout", lora=LoraSettings(enabled=False),
+                                train_vision=True,
                                 learning_rate=GRPO_LEARNING_RATE, epochs=1000, max_seconds=grpo_seconds,
                                 time_decay=True, batch_size=GRPO_BATCH, num_generations=GRPO_GENERATIONS,
                                 max_turns=GRPO_MAX_TURNS,
