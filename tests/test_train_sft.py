@@ -139,6 +139,29 @@ def test_train_vision_trains_the_tower_of_a_model_built_from_scratch(tmp_path, t
             assert changed == []
 
 
+def test_first_turn_rows_are_trained_that_many_times(tmp_path, tiny):
+    """``first_turn_repeats``: the rows ``rows.jsonl`` marks as an episode's first turn (step 0) are fed that many
+    times per epoch — one step of a large batch goes through 3 rows + 2 × 1 first-turn row = 5 rows, not 3; a
+    missing or mismatched ``rows.jsonl`` is an error naming the file."""
+    from ibisagent.train.config import SFTRunConfig
+    from ibisagent.train.sft import first_turn_rows, run_sft
+
+    data = write_sft_dataset(tmp_path / "data", rows=3)
+    config = SFTRunConfig(model=str(tiny), max_steps=1, batch_size=8, save_steps=10, first_turn_repeats=3)
+    with pytest.raises(ValueError, match="rows.jsonl"):
+        run_sft(config, data, tmp_path / "run0")
+    steps = [0, 1, 5]
+    (data / "rows.jsonl").write_text("".join(json.dumps({"id": "c", "kind": "expert", "step": k}) + "\n"
+                                             for k in steps))
+    assert first_turn_rows(data, 3) == {0}
+    with pytest.raises(ValueError, match="describes 3 rows, the dataset has 4"):
+        first_turn_rows(data, 4)
+    result = run_sft(config, data, tmp_path / "run")
+    assert result.rows == 3 and result.rows_fed == 5
+    plain = run_sft(SFTRunConfig(model=str(tiny), max_steps=1, batch_size=8, save_steps=10), data, tmp_path / "run1")
+    assert plain.rows_fed == 3
+
+
 def test_train_vision_with_lora_is_refused():
     from ibisagent.train.config import ConfigError, SFTRunConfig, from_mapping
 

@@ -78,6 +78,11 @@ class SFTRunConfig(TrainCommon):
         default=4096,
         metadata={"help": "token limit of one row, images expanded; longer rows are reported and skipped"},
     )
+    first_turn_repeats: int = field(
+        default=1,
+        metadata={"help": "times each row of an episode's first turn (step 0 in DATA/rows.jsonl) is trained per epoch: "
+                          "the first click and the absent answer are decided there, about one row in nine"},
+    )
 
 
 @dataclass
@@ -140,6 +145,8 @@ def from_mapping(cls: type[C], values: dict[str, Any], where: str = "") -> C:
     config = cls(**kwargs)
     if getattr(config, "time_decay", False) and not getattr(config, "max_seconds", None):
         raise ConfigError(f"{where}time_decay needs max_seconds (the time budget the learning rate decays over)")
+    if getattr(config, "first_turn_repeats", 1) < 1:
+        raise ConfigError(f"{where}first_turn_repeats must be ≥ 1, got {config.first_turn_repeats}")
     if getattr(config, "train_vision", False) and config.lora.enabled:
         raise ConfigError(f"{where}train_vision needs full fine-tuning (lora: {{enabled: false}}): LoRA adapters "
                           "train the language model only")

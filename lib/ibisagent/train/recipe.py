@@ -58,6 +58,10 @@ VISION_HIDDEN_SIZE = 64
 MAX_PIXELS = 224 * 224
 #: Vocabulary of the tokenizer trained on the fly (on the prompt wording and the SFT data's text).
 VOCAB_SIZE = 3072
+#: Times each first-turn SFT row is trained per epoch (``SFTRunConfig.first_turn_repeats``): the first click and the
+#: absent answer are decided on the first turn, about one row in nine. Measured side by side at equal compute on the
+#: real-MRI tuning set: absent targets answered 0.96 vs 0.56, mean IoU 0.45 vs 0.29 (docs/TRAINING.md).
+FIRST_TURN_REPEATS = 4
 #: GRPO: peak learning rate (decayed to 0 over its time), prompts per step (each with GRPO_GENERATIONS rollouts) and
 #: executed actions per rollout. One action: trl's rollout context (the whole interleaved history) equals the
 #: product's default context (history ``off``: system, current picture, prompt) only on the first turn; measured on
@@ -304,7 +308,7 @@ def run_recipe(
     sft_config = SFTRunConfig(model=str(base), lora=LoraSettings(enabled=False), train_vision=True,
                               learning_rate=2e-3, epochs=1000,
                               batch_size=4, max_seconds=sft_seconds, time_decay=True, save_steps=100,
-                              max_length=4096, seed=seed)
+                              max_length=4096, first_turn_repeats=FIRST_TURN_REPEATS, seed=seed)
     sft_policy = out / "sft" / "policy"
     if not (sft_policy / "config.json").is_file():
         run_sft(sft_config, sft_data, out / "sft")

@@ -10,7 +10,8 @@ or whose tokens with every image expanded exceed ``max_length`` (the image token
 ``OUT/skipped.jsonl`` and left out — never trained with dropped images.
 
 LoRA goes on the language model's linear layers only (:data:`ibisagent.train.config.LANGUAGE_LORA_TARGETS`); the
-vision tower is frozen either way. The result is ``OUT/policy`` (LoRA merged), loadable by ``hf:OUT/policy``;
+vision tower is frozen either way, unless ``train_vision`` (full fine-tuning of a model built from scratch).
+``first_turn_repeats`` trains each first-turn row (``DATA/rows.jsonl``, step 0) that many times per epoch. The result is ``OUT/policy`` (LoRA merged), loadable by ``hf:OUT/policy``;
 ``OUT/checkpoints`` holds the resume points and ``OUT/sft_log.json`` the loss per step.
 """
 
@@ -153,6 +154,19 @@ def load_sft_dataset(data_dir: str | os.PathLike[str]) -> Any:
     return dataset
 
 
+def first_turn_rows(data_dir: str | os.PathLike[str], rows: int) -> set[int]:
+    """Indices of the rows of an episode's first turn (``step`` 0 in ``data_dir/rows.jsonl``, which
+    ``ibisagent build-sft`` writes one line per dataset row). Raises ``ValueError`` when the file is missing or does
+    not match the dataset's ``rows``."""
+    path = Path(data_dir) / "rows.jsonl"
+    if not path.is_file():
+        raise ValueError(f"first_turn_repeats needs {path} (written by ibisagent build-sft)")
+    meta = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(meta) != rows:
+        raise ValueError(f"{path} describes {len(meta)} rows, the dataset has {rows}")
+    return {i for i, m in enumerate(meta) if m.get("step") == 0}
+
+
 def run_sft(
     config: SFTRunConfig,
     data_dir: str | os.PathLike[str],
@@ -177,7 +191,12 @@ def run_sft(
         logger.warning("SFT: %d of %d rows skipped (see %s)", len(skipped), len(dataset), out / "skipped.jsonl")
     if not keep:
         raise ValueError(f"no trainable row in {data_dir} ({len(skipped)} skipped, see {out / 'skipped.jsonl'})")
-    train = dataset.select(keep) if len(keep) < len(dataset) else dataset
+    if config.first_turn_repeats < 1:
+        raise ValueError(f"first_turn_repeats must be ≥ 1, got {config.first_turn_repeats}")
+    if config.first_turn_repeats > 1:
+        first = first_turn_rows(data_dir, len(dataset))
+        keep = keep + [i for i in keep if i in first] * (config.first_turn_repeats - 1)
+    train = dataset.select(keep) if keep != list(range(len(dataset))) else dataset
     (out / "sft_config.json").write_text(json.dumps(to_dict(config), indent=1), encoding="utf-8")
 
     model = load_model(model_path, config)
@@ -203,6 +222,6 @@ def run_sft(
     log_history(trainer, out, "sft_log.json")
     policy = save_policy(trainer.model, processor, out / POLICY)
     steps = int(trainer.state.global_step)
-    return SFTResult(policy=policy, rows=len(keep), skipped=tuple(skipped), log_history=list(trainer.state.log_history),
+    return SFTResult(policy=policy, rows=len(set(keep)), skipped=tuple(skipped), log_history=list(trainer.state.log_history),
                      steps=steps, rows_fed=rows_fed(steps, len(train), config.batch_size, config.grad_accum,
                                                     int(trainer.args.world_size)))
