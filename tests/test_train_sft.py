@@ -226,6 +226,29 @@ def test_time_decay_lowers_the_learning_rate_over_the_budget(tmp_path, tiny):
     assert rates[-1] > 0.9 * 5e-3
 
 
+def test_a_resumed_run_continues_its_time_budget(tmp_path, tiny):
+    """Each checkpoint records the seconds spent; a run resumed from it continues the budget and the time schedule
+    (here: killed with 6 s of a 600 s budget left → the resumed steps train at ~1 % of the peak rate, not at the
+    peak)."""
+    import dataclasses
+
+    from ibisagent.train.config import SFTRunConfig
+    from ibisagent.train.sft import run_sft
+
+    data = write_sft_dataset(tmp_path / "data", rows=2)
+    config = SFTRunConfig(model=str(tiny), max_steps=2, learning_rate=5e-3, save_steps=2, max_seconds=600,
+                          time_decay=True)
+    run_sft(config, data, tmp_path / "run")
+    spent = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "time_spent.json"
+    assert 0 < json.loads(spent.read_text())["seconds"] < 600
+    spent.write_text(json.dumps({"seconds": 594.0}))  # as if killed near the end of its budget
+    resumed = run_sft(dataclasses.replace(config, max_steps=4), data, tmp_path / "run")
+    rates = [h["learning_rate"] for h in resumed.log_history if "learning_rate" in h and h["step"] > 2]
+    assert len(rates) == 2 and all(0 <= r < 0.02 * 5e-3 for r in rates)
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert progress["step"] == 4 and progress["seconds"] >= 594
+
+
 def test_time_decay_without_a_budget_is_refused():
     from ibisagent.train.config import ConfigError, SFTRunConfig, from_mapping
 

@@ -27,6 +27,8 @@ CHECKPOINTS = "checkpoints"
 POLICY = "policy"
 #: Progress file written during training (epoch, total_epochs, best_metric, total_time, step, max_steps).
 PROGRESS = "progress.json"
+#: Written into each checkpoint: the training seconds spent up to it, so a resumed run continues its time budget.
+TIME_SPENT = "time_spent.json"
 
 
 def resolve_model(spec: str) -> Path:
@@ -152,7 +154,9 @@ def trainer_callbacks(out_dir: str | os.PathLike[str], max_seconds: float | None
                       time_decay: bool = False) -> list[Any]:
     """A callback that writes :data:`PROGRESS` after every log and stops training past ``max_seconds``; with
     ``time_decay`` it turns the trainer's (lambda) scheduler into ``learning_rate × (1 − elapsed / max_seconds)`` after
-    the warm-up: a schedule over the time budget, for runs whose step count is not known in advance."""
+    the warm-up: a schedule over the time budget, for runs whose step count is not known in advance. The seconds
+    spent are saved in every checkpoint (:data:`TIME_SPENT`); a run resumed from one continues its budget and its
+    schedule where they were, instead of starting a new budget at the peak rate."""
     from transformers import TrainerCallback
 
     progress_file = Path(out_dir) / PROGRESS
@@ -184,6 +188,13 @@ def trainer_callbacks(out_dir: str | os.PathLike[str], max_seconds: float | None
             os.replace(tmp, progress_file)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, lr_scheduler: Any = None, **kw: Any):
+            if state.global_step > 0:  # resumed: the trainer restored the checkpoint's state before this call
+                spent = Path(args.output_dir) / f"checkpoint-{state.global_step}" / TIME_SPENT
+                if spent.is_file():
+                    self.start = time.monotonic() - float(json.loads(spent.read_text(encoding="utf-8"))["seconds"])
+                else:
+                    logger.warning("no %s in the checkpoint of step %d: the time budget starts again",
+                                   TIME_SPENT, state.global_step)
             if time_decay:
                 if not max_seconds or not hasattr(lr_scheduler, "lr_lambdas"):
                     raise ValueError(f"time_decay needs max_seconds (got {max_seconds}) and a lambda scheduler "
@@ -196,6 +207,25 @@ def trainer_callbacks(out_dir: str | os.PathLike[str], max_seconds: float | None
                     return max(0.0, 1.0 - (time.monotonic() - self.start) / max_seconds)
 
                 lr_scheduler.lr_lambdas = [factor for _ in lr_scheduler.lr_lambdas]
+                # a resumed run's first step would train at the rate saved in the checkpoint's optimizer state
+                self.resync = state.global_step > 0
+            return control
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None,
+                          lr_scheduler: Any = None, **kw: Any):
+            if getattr(self, "resync", False) and optimizer is not None and lr_scheduler is not None:
+                self.resync = False
+                for group, base, rate in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+                    group["lr"] = base * rate(state.global_step)
+                # what the trainer logs as this step's rate (torch keeps it in ``_last_lr``)
+                lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+            return control
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / TIME_SPENT).write_text(json.dumps({"seconds": time.monotonic() - self.start}),
+                                                 encoding="utf-8")
             return control
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any):

@@ -65,8 +65,8 @@ class TrainCommon:
     time_decay: bool = field(
         default=False,
         metadata={"help": "with max_seconds: the learning rate falls linearly to 0 over the time budget (after the "
-                          "warm-up, counted in steps), instead of over the step count; a resumed run starts a new "
-                          "budget from its checkpoint, at the peak rate"},
+                          "warm-up, counted in steps), instead of over the step count; a run resumed from a "
+                          "checkpoint continues the budget and the schedule (the seconds spent are saved in it)"},
     )
 
 

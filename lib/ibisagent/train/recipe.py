@@ -239,6 +239,20 @@ def _plot_curves(sft_log: list[dict[str, Any]], grpo_log: list[dict[str, Any]], 
     fig.savefig(path, dpi=100)
 
 
+def _stage_budgets(path: Path, budget: float, spent: float) -> tuple[float, float]:
+    """Seconds for SFT and GRPO: what the budget leaves after ``spent`` (preparation) and the evaluation reserve,
+    split :data:`SFT_SHARE`; recorded in ``path`` the first time, so that a resumed run (whose preparation is cached)
+    keeps the split its checkpoints were trained under."""
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("budget_s") == budget:
+            return float(saved["sft_s"]), float(saved["grpo_s"])
+    left = max(60.0, budget - spent - EVAL_RESERVE * budget)
+    sft, grpo = SFT_SHARE * left, (1 - SFT_SHARE) * left
+    path.write_text(json.dumps({"budget_s": budget, "sft_s": sft, "grpo_s": grpo}), encoding="utf-8")
+    return sft, grpo
+
+
 def run_recipe(
     manifest: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -300,8 +314,7 @@ def run_recipe(
                               vision_hidden_size=VISION_HIDDEN_SIZE, phrases=prompt_phrases())
     timings["prepare_s"] = time.monotonic() - t0
 
-    left = max(60.0, budget - (time.monotonic() - start) - EVAL_RESERVE * budget)
-    sft_seconds, grpo_seconds = SFT_SHARE * left, (1 - SFT_SHARE) * left
+    sft_seconds, grpo_seconds = _stage_budgets(out / "budget.json", budget, time.monotonic() - start)
 
     # 4. SFT
     t0 = time.monotonic()
