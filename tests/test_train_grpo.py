@@ -116,3 +116,16 @@ def test_generation_never_writes_vision_placeholders(tmp_path):
     assert set(vision_token_ids(processor)) == expected and len(expected) == 4
     args = grpo_args(GRPORunConfig(model=str(model), max_steps=1), tmp_path / "out", processor)
     assert set(args.generation_kwargs["suppress_tokens"]) == expected
+
+
+def test_fewer_rows_than_prompts_per_step_is_a_clear_error(tmp_path):
+    """trl would stop with "max_steps must be set … if dataloader does not have a length" (seen in a recipe run on a
+    small manifest); the run names the numbers instead, before loading the model."""
+    from ibisagent.policies.tiny import ensure_tiny_model
+    from ibisagent.train.config import GRPORunConfig
+    from ibisagent.train.grpo import run_grpo
+
+    manifest = write_manifest(tmp_path / "data", cases=2)
+    config = GRPORunConfig(model=str(ensure_tiny_model(tmp_path / "cache")), batch_size=8, max_steps=1)
+    with pytest.raises(ValueError, match=r"batch_size=8 prompts per step but .* gave 3 row\(s\)"):
+        run_grpo(config, manifest, tmp_path / "out", progress=False)

@@ -333,7 +333,8 @@ def run_recipe(
     grpo_config = GRPORunConfig(model=str(sft_policy), mode="rollout", lora=LoraSettings(enabled=False),
                                 train_vision=True,
                                 learning_rate=GRPO_LEARNING_RATE, epochs=1000, max_seconds=grpo_seconds,
-                                time_decay=True, batch_size=GRPO_BATCH, num_generations=GRPO_GENERATIONS,
+                                time_decay=True, num_generations=GRPO_GENERATIONS,
+                                batch_size=max(1, min(GRPO_BATCH, sum(1 for x in train_lines if x.get("targets")))),
                                 max_turns=GRPO_MAX_TURNS,
                                 max_completion_length=2048, save_steps=20, seed=seed, tool=tool)
     grpo_policy = out / "grpo" / "policy"

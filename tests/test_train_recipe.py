@@ -1,0 +1,47 @@
+"""The one-command recipe end to end on a CPU (``ibisagent train tiny``): split by image, augmented variants, expert
+trajectories, SFT data, SFT, GRPO, held-out evaluation beside the image-blind baseline; a killed run resumes with the
+same stage budgets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from train_data import write_manifest
+
+pytest.importorskip("trl")
+
+
+@pytest.mark.slow
+def test_train_tiny_writes_a_policy_and_a_report_and_resumes(tmp_path):
+    manifest = write_manifest(tmp_path / "data", cases=6)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "ibisagent.cli", "train", "tiny", str(manifest), "--out", str(out),
+               "--minutes", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    split = json.loads((out / "split.json").read_text())
+    assert split["by"] == "image" and split["test"] and not set(split["test"]) & set(split["train"])
+    for stage in ("after_sft", "after_grpo"):
+        assert report[stage]["samples"] == len(split["test"]) and report[stage]["errors"] == 0
+        assert 0.0 <= report[stage]["format_valid"] <= 1.0 and "reward" in report[stage]
+    assert report["baseline_image_blind"]["targets"] >= 1
+    assert report["sft"]["steps"] > 0 and report["sft"]["last_loss"] < report["sft"]["first_loss"]
+    assert report["grpo"]["steps"] > 0
+    assert (out / "curves.png").stat().st_size > 0 and (out / "policy" / "config.json").is_file()
+    first_budget = report["budget"]
+
+    # a killed run started again: finished stages are skipped, the stage budgets are the recorded ones
+    (out / "report.json").unlink()
+    shutil.rmtree(out / "eval_grpo")
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["budget"]["sft_budget_s"] == first_budget["sft_budget_s"]
+    assert report["budget"]["grpo_budget_s"] == first_budget["grpo_budget_s"]
+    assert report["budget"]["sft_s"] < 30 and report["budget"]["grpo_s"] < 30  # no stage trained again
