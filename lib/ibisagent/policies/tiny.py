@@ -33,8 +33,8 @@ TINY_VERSION = 2
 
 #: RoPE base of the tiny language model. Qwen2.5-VL's M-RoPE gives each position axis a contiguous block of the
 #: rotary frequencies — time the highest, height the middle, width the lowest (``mrope_section`` [2, 3, 3] of the 8
-#: frequency pairs at head dim 16). With Qwen's base 1e6 the width pairs turn by at most 1.8e-4 rad per token, so across
-#: an 8 × 8 token grid the language model sees no horizontal position at all (and the height pairs ≤ 0.25 rad). Base 10
+#: frequency pairs at head dim 16). With Qwen's base 1e6 the width pairs turn by at most 1.8e-4 rad per token, so
+#: across an 8 × 8 token grid the language model sees no horizontal position at all (height pairs ≤ 0.25 rad). Base 10
 #: turns the width pairs by 0.13–0.24 rad per token (1–2 rad across the grid) and the height pairs by 0.32–0.56 rad;
 #: the prompts are short (~100 tokens with phrase tokens), so the faster text frequencies cost nothing. Measured on
 #: the real-MRI tuning set with a trainable vision tower: docs/TRAINING.md.

@@ -11,7 +11,8 @@ or whose tokens with every image expanded exceed ``max_length`` (the image token
 
 LoRA goes on the language model's linear layers only (:data:`ibisagent.train.config.LANGUAGE_LORA_TARGETS`); the
 vision tower is frozen either way, unless ``train_vision`` (full fine-tuning of a model built from scratch).
-``first_turn_repeats`` trains each first-turn row (``DATA/rows.jsonl``, step 0) that many times per epoch. The result is ``OUT/policy`` (LoRA merged), loadable by ``hf:OUT/policy``;
+``first_turn_repeats`` trains each first-turn row (``DATA/rows.jsonl``, step 0) that many times per epoch. The
+result is ``OUT/policy`` (LoRA merged), loadable by ``hf:OUT/policy``;
 ``OUT/checkpoints`` holds the resume points and ``OUT/sft_log.json`` the loss per step.
 """
 
@@ -222,6 +223,7 @@ def run_sft(
     log_history(trainer, out, "sft_log.json")
     policy = save_policy(trainer.model, processor, out / POLICY)
     steps = int(trainer.state.global_step)
-    return SFTResult(policy=policy, rows=len(set(keep)), skipped=tuple(skipped), log_history=list(trainer.state.log_history),
+    return SFTResult(policy=policy, rows=len(set(keep)), skipped=tuple(skipped),
+                     log_history=list(trainer.state.log_history),
                      steps=steps, rows_fed=rows_fed(steps, len(train), config.batch_size, config.grad_accum,
                                                     int(trainer.args.world_size)))
