@@ -127,5 +127,6 @@ def test_fewer_rows_than_prompts_per_step_is_a_clear_error(tmp_path):
 
     manifest = write_manifest(tmp_path / "data", cases=2)
     config = GRPORunConfig(model=str(ensure_tiny_model(tmp_path / "cache")), batch_size=8, max_steps=1)
-    with pytest.raises(ValueError, match=r"batch_size=8 prompts per step but .* gave 3 row\(s\)"):
+    with pytest.raises(ValueError, match=r"takes 8 prompts per step \(batch_size=8 × grad_accum=1 × devices\) but "
+                                         r".* gave 3 row\(s\)"):
         run_grpo(config, manifest, tmp_path / "out", progress=False)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ibisagent.fileio import atomic_write_text
 from ibisagent.train.config import LoraSettings, TrainCommon
 from ibisagent.train.template import apply_templates
 
@@ -64,6 +65,9 @@ def load_model(path: str | os.PathLike[str], config: TrainCommon) -> Any:
     import torch
     from transformers import AutoModelForImageTextToText
 
+    if config.train_vision and config.lora.enabled:
+        raise ValueError("train_vision needs full fine-tuning (lora.enabled false): LoRA adapters train the language "
+                         "model only")
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     if not config.train_vision:
@@ -190,10 +194,10 @@ def trainer_callbacks(out_dir: str | os.PathLike[str], max_seconds: float | None
         def on_train_begin(self, args: Any, state: Any, control: Any, lr_scheduler: Any = None, **kw: Any):
             if state.global_step > 0:  # resumed: the trainer restored the checkpoint's state before this call
                 spent = Path(args.output_dir) / f"checkpoint-{state.global_step}" / TIME_SPENT
-                if spent.is_file():
+                try:
                     self.start = time.monotonic() - float(json.loads(spent.read_text(encoding="utf-8"))["seconds"])
-                else:
-                    logger.warning("no %s in the checkpoint of step %d: the time budget starts again",
+                except (OSError, ValueError, KeyError, TypeError):
+                    logger.warning("no readable %s in the checkpoint of step %d: the time budget starts again",
                                    TIME_SPENT, state.global_step)
             if time_decay:
                 if not max_seconds or not hasattr(lr_scheduler, "lr_lambdas"):
@@ -224,8 +228,7 @@ def trainer_callbacks(out_dir: str | os.PathLike[str], max_seconds: float | None
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                (folder / TIME_SPENT).write_text(json.dumps({"seconds": time.monotonic() - self.start}),
-                                                 encoding="utf-8")
+                atomic_write_text(folder / TIME_SPENT, json.dumps({"seconds": time.monotonic() - self.start}))
             return control
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any):

@@ -81,7 +81,7 @@ class SFTRunConfig(TrainCommon):
     first_turn_repeats: int = field(
         default=1,
         metadata={"help": "times each row of an episode's first turn (step 0 in DATA/rows.jsonl) is trained per epoch: "
-                          "the first click and the absent answer are decided there, about one row in nine"},
+                          "the first click and the absent answer are decided there, about one row in eight"},
     )
 
 

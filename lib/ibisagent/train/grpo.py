@@ -207,9 +207,10 @@ def run_grpo(
     rows = build_rows(manifest, config.mode, env_settings(config, processor), case_ids, progress)
     if not rows:
         raise ValueError(f"no GRPO rows from {manifest} (no case with a target?)")
-    if len(rows) < config.batch_size:
-        raise ValueError(f"GRPO takes batch_size={config.batch_size} prompts per step but {manifest} gave "
-                         f"{len(rows)} row(s): lower batch_size to at most {len(rows)}")
+    prompts = config.batch_size * config.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    if len(rows) < prompts:
+        raise ValueError(f"GRPO takes {prompts} prompts per step (batch_size={config.batch_size} × grad_accum="
+                         f"{config.grad_accum} × devices) but {manifest} gave {len(rows)} row(s): lower batch_size")
     (out / "grpo_config.json").write_text(json.dumps(to_dict(config), indent=1), encoding="utf-8")
     trainer = make_trainer(config, rows, out, model_path, processor)
     checkpoint = last_checkpoint(out) if resume else None

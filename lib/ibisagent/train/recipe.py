@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from ibisagent.fileio import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 #: Share of the training time (after preparation and the evaluation reserve) given to SFT; GRPO gets the rest.
@@ -59,7 +61,7 @@ MAX_PIXELS = 224 * 224
 #: Vocabulary of the tokenizer trained on the fly (on the prompt wording and the SFT data's text).
 VOCAB_SIZE = 3072
 #: Times each first-turn SFT row is trained per epoch (``SFTRunConfig.first_turn_repeats``): the first click and the
-#: absent answer are decided on the first turn, about one row in nine. Measured side by side at equal compute on the
+#: absent answer are decided on the first turn, about one row in eight. Measured side by side at equal compute on the
 #: real-MRI tuning set: absent targets answered 0.96 vs 0.56, mean IoU 0.45 vs 0.29 (docs/TRAINING.md).
 FIRST_TURN_REPEATS = 4
 #: GRPO: peak learning rate (decayed to 0 over its time), prompts per step (each with GRPO_GENERATIONS rollouts) and
@@ -243,13 +245,15 @@ def _stage_budgets(path: Path, budget: float, spent: float) -> tuple[float, floa
     """Seconds for SFT and GRPO: what the budget leaves after ``spent`` (preparation) and the evaluation reserve,
     split :data:`SFT_SHARE`; recorded in ``path`` the first time, so that a resumed run (whose preparation is cached)
     keeps the split its checkpoints were trained under."""
-    if path.is_file():
+    try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("budget_s") == budget:
             return float(saved["sft_s"]), float(saved["grpo_s"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # none yet (or unreadable): computed and recorded below
     left = max(60.0, budget - spent - EVAL_RESERVE * budget)
     sft, grpo = SFT_SHARE * left, (1 - SFT_SHARE) * left
-    path.write_text(json.dumps({"budget_s": budget, "sft_s": sft, "grpo_s": grpo}), encoding="utf-8")
+    atomic_write_text(path, json.dumps({"budget_s": budget, "sft_s": sft, "grpo_s": grpo}))
     return sft, grpo
 
 

@@ -196,6 +196,9 @@ def run_sft(
         raise ValueError(f"first_turn_repeats must be ≥ 1, got {config.first_turn_repeats}")
     if config.first_turn_repeats > 1:
         first = first_turn_rows(data_dir, len(dataset))
+        if not first:
+            raise ValueError(f"first_turn_repeats: {data_dir} has no first-turn row (rows.jsonl step 0; a history "
+                             "'full' dataset has one row per episode)")
         keep = keep + [i for i in keep if i in first] * (config.first_turn_repeats - 1)
     train = dataset.select(keep) if keep != list(range(len(dataset))) else dataset
     (out / "sft_config.json").write_text(json.dumps(to_dict(config), indent=1), encoding="utf-8")
