@@ -130,3 +130,27 @@ def test_fewer_rows_than_prompts_per_step_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"takes 8 prompts per step \(batch_size=8 × grad_accum=1 × devices\) but "
                                          r".* gave 3 row\(s\)"):
         run_grpo(config, manifest, tmp_path / "out", progress=False)
+
+
+def test_step_rows_are_the_states_before_each_expert_turn_within_the_click_budget(tmp_path):
+    """Step mode: one row per expert turn, the row of turn k carrying the k turns before it (built in one pass, not
+    k replays); the expert stops at the simulator's click budget, since step mode's environment has no step limit
+    (an expert that never reaches its IoU stop hung the row building on a real-MRI manifest)."""
+    from ibisagent.train.environment import EnvSettings, make_env
+    from ibisagent.train.grpo import build_rows, oracle_turns
+
+    manifest = write_manifest(tmp_path / "data", cases=2)
+    settings = EnvSettings(history="off", max_steps=10**6)
+    rows = build_rows(manifest, "step", settings, progress=False)
+    by_case: dict[str, list] = {}
+    for row in rows:
+        by_case.setdefault(row["case_id"], []).append(json.loads(row["history"]))
+    assert set(by_case) == {"c0", "c1", "absent"}
+    for case_id, histories in by_case.items():
+        env = make_env(str(manifest), case_id, settings)
+        env.reset()
+        expert = oracle_turns(env)
+        assert histories == [expert[:k] for k in range(len(expert))]
+    env = make_env(str(manifest), "c0", settings)
+    env.reset()
+    assert len(oracle_turns(env, max_turns=1)) == 1 and not env.done

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ibisagent.clicks import DEFAULT_MAX_CLICKS
 from ibisagent.train.common import (
     POLICY,
     last_checkpoint,
@@ -72,15 +73,17 @@ def prompt_of(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     return prompt, images
 
 
-def oracle_turns(env: Any) -> list[str]:
-    """The simulated expert's turns on a reset environment with ground truth, played to the end."""
+def oracle_turns(env: Any, max_turns: int = DEFAULT_MAX_CLICKS) -> list[str]:
+    """The simulated expert's turns on a reset environment with ground truth, played to the end or to ``max_turns``
+    turns (the simulator's click budget: step mode's environment has no step limit of its own, and an expert that
+    never reaches its IoU stop — a thin ribbon — would otherwise click on without end)."""
     from ibisagent.policies.base import GenerationOptions
     from ibisagent.policies.oracle import OraclePolicy
 
     oracle = OraclePolicy(env.ground_truth)
     observation = env.observation
-    turns = []
-    while not env.done:
+    turns: list[str] = []
+    while not env.done and len(turns) < max_turns:
         text = oracle.generate([observation.request], GenerationOptions())[0].text
         turns.append(text)
         result = env.step(text)
@@ -113,15 +116,15 @@ def build_rows(manifest: str | os.PathLike[str], mode: str, settings: EnvSetting
         expert = oracle_turns(env)
         common = {"manifest": manifest, "case_id": case.id, "optimal_steps": max(1, len(expert)),
                   "expected_answer": case.answer or ""}
-        starts = [0] if mode == "rollout" else range(len(expert))
-        for k in starts:
-            env.reset()
-            for text in expert[:k]:
-                env.step(text)
+        # one pass over the expert's turns: the state before turn k is a row (rollout: the first state only)
+        env.reset()
+        for k, text in enumerate(expert[:1] if mode == "rollout" else expert):
             if env.done:
                 break
             prompt, images = prompt_of(env.observation.messages)
             rows.append({"prompt": prompt, "images": images, "history": json.dumps(expert[:k]), **common})
+            if mode == "step":
+                env.step(text)
     return rows
 
 
