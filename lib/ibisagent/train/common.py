@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ibisagent.fileio import atomic_write_text
-from ibisagent.train.config import LoraSettings, TrainCommon
+from ibisagent.train.config import LoraSettings, TrainCommon, check
 from ibisagent.train.template import apply_templates
 
 logger = logging.getLogger(__name__)
@@ -65,9 +65,7 @@ def load_model(path: str | os.PathLike[str], config: TrainCommon) -> Any:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    if config.train_vision and config.lora.enabled:
-        raise ValueError("train_vision needs full fine-tuning (lora.enabled false): LoRA adapters train the language "
-                         "model only")
+    check(config)
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     if not config.train_vision:

@@ -142,7 +142,13 @@ def from_mapping(cls: type[C], values: dict[str, Any], where: str = "") -> C:
                 raise ConfigError(f"{where}rewards: {exc}") from exc
             value = {**GRPORunConfig().rewards, **{k: float(v) for k, v in value.items()}}
         kwargs[key] = value
-    config = cls(**kwargs)
+    return check(cls(**kwargs), where)
+
+
+def check(config: C, where: str = "") -> C:
+    """Settings of a run config that cannot work together, checked alike for a YAML config (by
+    :func:`from_mapping`, before anything is loaded) and for one built in code (when a trainer starts); raises
+    :class:`ConfigError` naming them. Returns ``config``."""
     if getattr(config, "time_decay", False) and not getattr(config, "max_seconds", None):
         raise ConfigError(f"{where}time_decay needs max_seconds (the time budget the learning rate decays over)")
     if getattr(config, "first_turn_repeats", 1) < 1:

@@ -37,7 +37,7 @@ from ibisagent.train.common import (
     trainer_callbacks,
     training_arguments,
 )
-from ibisagent.train.config import SFTRunConfig, to_dict
+from ibisagent.train.config import SFTRunConfig, check, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -192,9 +192,7 @@ def run_sft(
         logger.warning("SFT: %d of %d rows skipped (see %s)", len(skipped), len(dataset), out / "skipped.jsonl")
     if not keep:
         raise ValueError(f"no trainable row in {data_dir} ({len(skipped)} skipped, see {out / 'skipped.jsonl'})")
-    if config.first_turn_repeats < 1:
-        raise ValueError(f"first_turn_repeats must be ≥ 1, got {config.first_turn_repeats}")
-    if config.first_turn_repeats > 1:
+    if check(config).first_turn_repeats > 1:
         first = first_turn_rows(data_dir, len(dataset))
         if not first:
             raise ValueError(f"first_turn_repeats: {data_dir} has no first-turn row (rows.jsonl step 0; a history "
