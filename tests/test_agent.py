@@ -145,6 +145,30 @@ def test_oracle_segments_the_disc_and_terminates(session: ImageSession, history:
     assert traj.seconds["total"] >= traj.seconds["tool"] > 0
 
 
+@pytest.mark.parametrize("anchor_clicks", ["first", "all"])
+def test_an_anchored_expert_clicks_near_the_anchor(session: ImageSession, anchor_clicks: str) -> None:
+    from ibisagent.clicks import next_click
+
+    # anchor at the disc's upper-left: the first click goes there (well inside), not to the disc's centre
+    anchor = (0.2, 0.15)
+    anchor_px = (anchor[0] * W, anchor[1] * H)
+    policy = OraclePolicy({"disc": DISC}, anchors={"Disc": anchor}, iou_stop=0.99,  # type: ignore[arg-type]
+                          anchor_clicks=anchor_clicks)
+    traj = run(policy, session, config=AgentConfig(max_steps=3))
+    plain = run(OraclePolicy({"disc": DISC}), session, config=AgentConfig(max_steps=1))
+    clicks = [step.clicks[0].click for step in traj.steps if step.clicks]
+    first, centre = clicks[0], plain.steps[0].clicks[0].click
+    assert DISC[first.y, first.x] and first.positive
+    assert np.hypot(first.x - anchor_px[0], first.y - anchor_px[1]) < np.hypot(centre.x - anchor_px[0],
+                                                                                 centre.y - anchor_px[1]) - 5
+    assert iou(traj.masks["disc"], DISC) >= 0.8
+    # the second click: the plain rule again ("first"), or anchored too ("all")
+    assert len(clicks) >= 2
+    second = next_click(DISC, traj.steps[0].masks["disc"], [first],
+                        anchor=anchor_px if anchor_clicks == "all" else None)
+    assert clicks[1] == second
+
+
 def test_absent_target_answers_not_present_with_an_empty_mask(session: ImageSession) -> None:
     traj = run(OraclePolicy({"tumour": None}), session, "tumour")
     assert traj.stop_reason == "terminate" and traj.answer == "not present"

@@ -9,7 +9,16 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
-from ibisagent.clicks import Click, distance_transform, error_regions, next_click, number_of_clicks, padded_distance
+from ibisagent.clicks import (
+    ANCHOR_DEPTH,
+    Click,
+    click_anchor,
+    distance_transform,
+    error_regions,
+    next_click,
+    number_of_clicks,
+    padded_distance,
+)
 
 
 def test_first_click_is_the_centre_of_the_target_and_positive() -> None:
@@ -93,3 +102,54 @@ def test_distance_transform_is_the_same_on_every_call() -> None:
     exact_squared = np.rint(ndimage.distance_transform_edt(inside) ** 2).astype(np.float32)
     for _ in range(20):
         np.testing.assert_array_equal(distance_transform(inside), np.sqrt(exact_squared))
+
+
+def _ring(shape: tuple[int, int], centre: tuple[int, int], inner: float, outer: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    r = np.hypot(yy - centre[1], xx - centre[0])
+    return (r >= inner) & (r < outer)
+
+
+def test_an_anchored_click_goes_well_inside_the_target_where_the_anchor_is() -> None:
+    # a thick-walled ring (a cortex-like ribbon): its deepest pixels run all around it
+    ring = _ring((100, 100), (50, 50), 20, 34)
+    empty = np.zeros_like(ring)
+    dist = ndimage.distance_transform_edt(ring)
+    for anchor in ((10.0, 50.0), (50.0, 95.0), (88.0, 12.0)):
+        click = next_click(ring, empty, anchor=anchor)
+        assert click is not None and click.positive and ring[click.y, click.x]
+        assert dist[click.y, click.x] >= ANCHOR_DEPTH * dist.max()
+        ys, xs = np.nonzero(dist >= ANCHOR_DEPTH * dist.max())
+        nearest = np.hypot(xs - anchor[0], ys - anchor[1]).min()
+        assert np.hypot(click.x - anchor[0], click.y - anchor[1]) == pytest.approx(nearest)
+    # anchors on opposite sides give clicks on opposite sides; without one it is the deepest point
+    left, right = next_click(ring, empty, anchor=(0.0, 50.0)), next_click(ring, empty, anchor=(99.0, 50.0))
+    assert left is not None and right is not None and left.x < 30 < 70 < right.x
+    plain = next_click(ring, empty)
+    assert plain is not None and dist[plain.y, plain.x] == dist.max()
+
+
+def test_an_anchored_refinement_click_stays_in_the_region_the_rule_chose() -> None:
+    target = np.zeros((60, 60), dtype=bool)
+    target[5:10, 5:10] = True
+    prediction = target.copy()
+    prediction[30:55, 30:55] = True  # the larger error: a false positive far from the anchor
+    click = next_click(target, prediction, anchor=(0.0, 0.0))
+    assert click is not None and not click.positive and prediction[click.y, click.x] and not target[click.y, click.x]
+    # the false positive (25 x 25, peak depth 13) pixel nearest the anchor at half its peak depth: 7 px in
+    assert (click.x, click.y) == (36, 36)
+
+
+def test_click_anchor_is_where_the_masks_overlap_most() -> None:
+    rng = np.random.default_rng(0)
+    masks = []
+    for _ in range(12):  # a blob that moves a little from image to image, at two image sizes
+        size = int(rng.choice([80, 160]))
+        cx, cy = (0.25 + rng.uniform(-0.05, 0.05)) * size, (0.7 + rng.uniform(-0.05, 0.05)) * size
+        yy, xx = np.mgrid[:size, :size]
+        masks.append(np.hypot(xx - cx, yy - cy) < 0.12 * size)
+    masks.append(np.zeros((80, 80), dtype=bool))  # an absent target does not count
+    anchor = click_anchor(masks)
+    assert anchor is not None
+    assert anchor[0] == pytest.approx(0.25, abs=0.05) and anchor[1] == pytest.approx(0.7, abs=0.05)
+    assert click_anchor([np.zeros((10, 10), dtype=bool)]) is None

@@ -33,6 +33,10 @@ def test_train_tiny_writes_a_policy_and_a_report_and_a_restart_keeps_the_recorde
         assert report[stage]["samples"] + report[stage]["errors"] == len(split["test"])
         assert 0.0 <= report[stage]["format_valid"] <= 1.0 and "reward" in report[stage]
     assert report["baseline_image_blind"]["targets"] >= 1
+    # the expert's first clicks were anchored where each target name is most often found in the training masks
+    anchors = json.loads((out / "anchors.json").read_text())
+    assert anchors and report["data"]["anchors"] == anchors
+    assert all(0.0 <= v <= 1.0 for xy in anchors.values() for v in xy)
     assert report["sft"]["steps"] > 0 and report["sft"]["last_loss"] < report["sft"]["first_loss"]
     assert report["grpo"]["steps"] > 0
     assert (out / "curves.png").stat().st_size > 0 and (out / "policy" / "config.json").is_file()

@@ -6,6 +6,13 @@ image border counted as boundary; click at the deepest point of whichever region
 *positive* click for a false negative, a *negative* click for a false positive. The alternative rule
 ``"area"`` picks the region with the larger pixel count instead of the larger peak.
 
+**Anchored clicks** (:func:`click_anchor`, ``anchor=`` of :func:`next_click`): the deepest point of a ribbon-like or
+scattered target (cortex, sulci, vessels) lies anywhere along it, so a policy learning to imitate it sees the same
+picture answered at points far apart and learns their mean, often outside the target. With an anchor — where the
+target name is most often found over a training set — the click goes, within the chosen error region, to the pixel
+nearest the anchor among those at least :data:`ANCHOR_DEPTH` of the region's peak depth from its edge: still well
+inside, and where an annotator who knows the anatomy would look first.
+
 Coordinates are pixels, named ``x`` (column) and ``y`` (row) everywhere; arrays are indexed ``mask[y, x]``.
 """
 
@@ -25,6 +32,9 @@ if TYPE_CHECKING:
     from ibisagent.tools.base import ImageSession, Prediction
 
 ErrorRule = Literal["peak", "area"]
+
+#: Anchored clicks go to pixels at least this share of the chosen region's peak depth from its edge.
+ANCHOR_DEPTH = 0.5
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,7 @@ def next_click(
     prediction: np.ndarray,
     previous: Iterable[Click] = (),
     rule: ErrorRule = "peak",
+    anchor: tuple[float, float] | None = None,
 ) -> Click | None:
     """The next simulated expert click, or ``None`` when the mask has no error left that a new click could fix.
 
@@ -121,10 +132,12 @@ def next_click(
         prediction: (H, W) bool current mask.
         previous: clicks already placed; the same pixel is never clicked twice.
         rule: ``"peak"`` (the paper's: region whose distance-transform peak is larger) or ``"area"`` (larger region).
+        anchor: ``(x, y)`` in pixels (may lie outside the image): click the chosen region's pixel nearest to it among
+            those at least :data:`ANCHOR_DEPTH` × the region's peak depth inside (see the module docstring).
 
     Returns:
-        A :class:`Click` at the deepest pixel of the chosen error region (ties: the most central), positive for
-        false negatives.
+        A :class:`Click` at the deepest pixel of the chosen error region (ties: the most central), or the anchored
+        pixel; positive for false negatives.
     """
     if rule not in ("peak", "area"):
         raise ValueError(f"unknown click rule {rule!r}; expected 'peak' or 'area'")
@@ -146,8 +159,46 @@ def next_click(
     if not candidates:
         return None
     _, positive, box, dist = max(candidates, key=lambda c: c[0])
-    x, y = _central_peak(dist)
+    if anchor is None:
+        x, y = _central_peak(dist)
+    else:
+        x, y = _anchored_point(dist, (anchor[0] - box[1].start, anchor[1] - box[0].start))
     return Click(x=x + box[1].start, y=y + box[0].start, positive=positive)
+
+
+def _anchored_point(dist: np.ndarray, anchor: tuple[float, float]) -> tuple[int, int]:
+    """``(x, y)`` of the pixel nearest ``anchor`` (x, y) among those with ``dist >= ANCHOR_DEPTH * dist.max()``."""
+    ys, xs = np.nonzero(dist >= ANCHOR_DEPTH * dist.max())
+    nearest = int(np.argmin((xs - anchor[0]) ** 2 + (ys - anchor[1]) ** 2))
+    return int(xs[nearest]), int(ys[nearest])
+
+
+def click_anchor(masks: Iterable[np.ndarray], grid: int = 64, sigma: float = 1.5) -> tuple[float, float] | None:
+    """Where a target is most often found: the mode of its masks' smoothed occupancy, relative ``(x, y)``.
+
+    Each mask is resized to a ``grid`` × ``grid`` occupancy (area averaging, so images of any size and aspect
+    count alike), the occupancies are averaged and smoothed (Gaussian, ``sigma`` grid cells), and the peak's cell
+    centre is returned in relative coordinates (0–1, x = column). The anchor of :func:`next_click`.
+
+    Args:
+        masks: (H, W) bool masks of one target name; empty ones (absent targets) are ignored.
+
+    Returns:
+        ``(x, y)`` relative, or ``None`` when no mask has a pixel.
+    """
+    total = np.zeros((grid, grid), dtype=np.float64)
+    count = 0
+    for mask in masks:
+        mask = _as_bool_mask(mask, "mask")
+        if not mask.any():
+            continue
+        total += cv2.resize(mask.astype(np.float32), (grid, grid), interpolation=cv2.INTER_AREA)
+        count += 1
+    if count == 0:
+        return None
+    smooth = cv2.GaussianBlur(total / count, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
+    y, x = np.unravel_index(int(np.argmax(smooth)), smooth.shape)
+    return (x + 0.5) / grid, (y + 0.5) / grid
 
 
 def _central_peak(dist: np.ndarray) -> tuple[int, int]:

@@ -16,10 +16,10 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -112,12 +112,15 @@ def simulate_case(
     max_steps: int = DEFAULT_MAX_CLICKS,
     rule: ErrorRule = "peak",
     prompts: Prompts | None = None,
+    anchors: Mapping[str, tuple[float, float]] | None = None,
+    anchor_clicks: Literal["first", "all"] = "first",
 ) -> tuple[list[TrajectoryRecord], CaseResult]:
     """The simulated expert on one loaded case: the oracle policy (:class:`ibisagent.policies.oracle.OraclePolicy`)
     stepping the environment (:mod:`ibisagent.env`) exactly as a model policy would, all targets in one episode, so
     that the recorded turns (source ``"simulated"``) are the turns a trained policy is expected to write.
 
     ``max_steps`` bounds the oracle's turns (one click per unfinished target per turn; its ``Terminate`` turn counts).
+    ``anchors`` and ``anchor_clicks`` anchor the expert's clicks (:class:`~ibisagent.policies.oracle.OraclePolicy`).
     """
     from ibisagent.agent import AgentConfig
     from ibisagent.policies.oracle import OraclePolicy
@@ -125,7 +128,7 @@ def simulate_case(
     if not loaded.targets:
         return [], CaseResult(id=loaded.case.id, modality=loaded.case.modality,
                               skipped="closed-VQA case without a segmentation target: the oracle has nothing to click")
-    oracle = OraclePolicy(loaded.targets, rule=rule, iou_stop=iou_stop)
+    oracle = OraclePolicy(loaded.targets, rule=rule, iou_stop=iou_stop, anchors=anchors, anchor_clicks=anchor_clicks)
     return policy_case(loaded, oracle, tool, AgentConfig(max_steps=max_steps), prompts, source="simulated")
 
 
@@ -163,11 +166,14 @@ def run_oracle(
     max_steps: int = DEFAULT_MAX_CLICKS,
     rule: ErrorRule = "peak",
     progress: bool = True,
+    anchors: Mapping[str, tuple[float, float]] | None = None,
+    anchor_clicks: Literal["first", "all"] = "first",
 ) -> tuple[list[TrajectoryRecord], list[CaseResult]]:
     """Simulate every case of a manifest with the oracle policy stepping the environment (:func:`simulate_case`)."""
     return run_manifest(
         manifest,
-        lambda loaded: simulate_case(loaded, tool, iou_stop=iou_stop, max_steps=max_steps, rule=rule),
+        lambda loaded: simulate_case(loaded, tool, iou_stop=iou_stop, max_steps=max_steps, rule=rule,
+                                     anchors=anchors, anchor_clicks=anchor_clicks),
         f"oracle+{tool.name}",
         progress,
     )

@@ -273,3 +273,23 @@ def _mask(case: Case, path: Path, image: Image) -> np.ndarray:
         return load_mask(path, image, slice=case.slice if image.is_volume else None)
     except ImageError as exc:
         raise CaseError(case.id, path, str(exc), case.line) from exc
+
+
+def click_anchors(path: str | os.PathLike[str]) -> dict[str, tuple[float, float]]:
+    """Each target name's click anchor over a manifest's masks (:func:`ibisagent.clicks.click_anchor`): target name
+    (case-folded) → relative ``(x, y)``. Lines and cases that fail to load are left out."""
+    from ibisagent.clicks import click_anchor
+
+    masks: dict[str, list[np.ndarray]] = {}
+    for case in read_manifest(path):
+        if isinstance(case, CaseError):
+            continue
+        try:
+            loaded = load_case(case)
+        except CaseError:
+            continue
+        for name, mask in loaded.targets.items():
+            if mask is not None and mask.any():
+                masks.setdefault(name.casefold(), []).append(mask)
+    anchors = {name: click_anchor(found) for name, found in masks.items()}
+    return {name: anchor for name, anchor in anchors.items() if anchor is not None}

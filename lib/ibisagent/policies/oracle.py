@@ -11,6 +11,10 @@ the policy grid) and writes, through :func:`ibisagent.protocol.format_response` 
 * ``Terminate`` + ``<answer>`` (target names; "not present" for absent targets) once every target has reached
   ``iou_stop`` or has no error left that a click could fix.
 
+With ``anchors`` (target name → relative ``(x, y)``, :func:`ibisagent.clicks.click_anchor` over a training set)
+the expert's clicks of those targets are anchored (:func:`ibisagent.clicks.next_click`): the first click of a target
+only (``anchor_clicks="first"``) or every click (``"all"``).
+
 Clicks already made (the observation's clicks of the current state, and those written in earlier assistant turns of
 the conversation in history mode ``full``) are not repeated.
 
@@ -23,6 +27,7 @@ other number computed from the hidden ground truth).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -78,14 +83,21 @@ class OraclePolicy(Policy):
             policy grid (resized to the observation's grid with nearest-neighbour sampling when they differ).
         rule: error-region rule of :func:`ibisagent.clicks.next_click` (``"peak"`` or ``"area"``).
         iou_stop: a target counts as done at this IoU.
+        anchors: target name (case-insensitive) → relative ``(x, y)`` anchor of its clicks (see the module
+            docstring); targets without one click at the deepest point.
+        anchor_clicks: ``"first"`` (a target's first click only) or ``"all"``.
     """
 
     name = "oracle"
 
     def __init__(self, ground_truth: Mapping[str, np.ndarray | None], rule: ErrorRule = "peak",
-                 iou_stop: float = DEFAULT_ORACLE_IOU_STOP) -> None:
+                 iou_stop: float = DEFAULT_ORACLE_IOU_STOP,
+                 anchors: Mapping[str, tuple[float, float]] | None = None,
+                 anchor_clicks: Literal["first", "all"] = "first") -> None:
         if rule not in ("peak", "area"):
             raise ValueError(f"unknown click rule {rule!r}; expected 'peak' or 'area'")
+        if anchor_clicks not in ("first", "all"):
+            raise ValueError(f"anchor_clicks must be 'first' or 'all', got {anchor_clicks!r}")
         if not 0.0 < iou_stop <= 1.0:
             raise ValueError(f"iou_stop must be in (0, 1], got {iou_stop}")
         truth: dict[str, np.ndarray | None] = {}
@@ -101,6 +113,8 @@ class OraclePolicy(Policy):
         self._truth = truth
         self.rule: ErrorRule = rule
         self.iou_stop = iou_stop
+        self.anchors = {name.casefold(): (float(x), float(y)) for name, (x, y) in (anchors or {}).items()}
+        self.anchor_clicks = anchor_clicks
 
     def generate(self, requests: Sequence[PolicyRequest], options: GenerationOptions) -> list[Generation]:
         """One turn per request; ``PolicyError`` when a request has no observation or names an unknown target."""
@@ -129,7 +143,8 @@ class OraclePolicy(Policy):
             score = iou(mask, truth)
             if score >= self.iou_stop:
                 continue
-            click = next_click(truth, mask, earlier.get(name, ()), self.rule)
+            click = next_click(truth, mask, earlier.get(name, ()), self.rule,
+                               self._anchor(name, bool(earlier.get(name)), w, h))
             if click is None:
                 continue
             action = Action.from_click(click, w, h, target=name if multi else None)
@@ -149,6 +164,13 @@ class OraclePolicy(Policy):
                 sentences.append(f"I find no {name} anywhere in the image, so its mask stays empty.")
                 parts.append(f"{name}: {ABSENT_ANSWER}" if len(obs.targets) > 1 else ABSENT_ANSWER)
         return Response(think=" ".join(sentences), actions=(Action("terminate"),), answer="; ".join(parts))
+
+    def _anchor(self, name: str, clicked: bool, w: int, h: int) -> tuple[float, float] | None:
+        """The anchor of target ``name`` in pixels of a (h, w) grid, or ``None`` (no anchor, or not anchored now)."""
+        anchor = self.anchors.get(name.casefold())
+        if anchor is None or (clicked and self.anchor_clicks == "first"):
+            return None
+        return anchor[0] * w, anchor[1] * h
 
     def _truth_in_grid(self, name: str, grid: tuple[int, ...]) -> np.ndarray:
         if name not in self._truth:

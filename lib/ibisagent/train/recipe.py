@@ -6,8 +6,9 @@ their last checkpoint):
 1. **split** by image: a share of the distinct images is held out (never trained on) → ``DIR/train.jsonl``,
    ``DIR/test.jsonl``, ``DIR/split.json``;
 2. **augmentation and trajectories**: random variants of the training cases (:mod:`ibisagent.data.augment`; as many
-   as the budget affords, :data:`CASES_PER_MINUTE`) → ``DIR/augmented``; the simulated expert on the training cases
-   and their variants (``ibisagent simulate``) → ``DIR/trajectories.jsonl``;
+   as the budget affords, :data:`CASES_PER_MINUTE`) → ``DIR/augmented``; each target name's click anchor over them
+   (:func:`ibisagent.data.manifest.click_anchors`) → ``DIR/anchors.json``; the simulated expert with anchored clicks
+   (:data:`ANCHOR_CLICKS`) on the training cases and their variants → ``DIR/trajectories.jsonl``;
 3. **SFT data** with reflective samples (``ibisagent.data.sft.build_sft``, history ``off`` as the product runs) →
    ``DIR/sft_data``;
 4. **SFT** of a small Qwen2.5-VL built from a config with a tokenizer trained on the fly
@@ -64,6 +65,9 @@ VOCAB_SIZE = 3072
 #: absent answer are decided on the first turn, about one row in eight. Measured side by side at equal compute on the
 #: real-MRI tuning set: absent targets answered 0.96 vs 0.56, mean IoU 0.45 vs 0.29 (docs/TRAINING.md).
 FIRST_TURN_REPEATS = 4
+#: Which expert clicks are anchored (:func:`ibisagent.clicks.next_click`): the deepest point of a thin or scattered
+#: target lies anywhere along it, so a small policy imitating it learns the mean position, often outside the target.
+ANCHOR_CLICKS = "first"
 #: GRPO: peak learning rate (decayed to 0 over its time), prompts per step (each with GRPO_GENERATIONS rollouts) and
 #: executed actions per rollout. One action: trl's rollout context (the whole interleaved history) equals the
 #: product's default context (history ``off``: system, current picture, prompt) only on the first turn; measured on
@@ -269,6 +273,7 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Run the recipe (see the module docstring); returns the report (also ``DIR/report.json``)."""
     from ibisagent.data.augment import augment_manifest
+    from ibisagent.data.manifest import click_anchors
     from ibisagent.data.reflect import ReflectiveRatios
     from ibisagent.data.sft import build_sft
     from ibisagent.policies.tiny import build_tiny_qwen2_5_vl
@@ -298,13 +303,18 @@ def run_recipe(
     variants = variants_per_case(len(train_lines), minutes)
     augmented = augment_manifest(train_manifest, out / "augmented", variants, seed=seed, progress=progress)
     expert_manifest = _write_lines(out / "train_augmented.jsonl", train_lines + _resolved_lines(augmented))
+    anchors_path = out / "anchors.json"
+    if not anchors_path.is_file():
+        atomic_write_text(anchors_path, json.dumps(click_anchors(expert_manifest), indent=1))
+    anchors = {name: tuple(xy) for name, xy in json.loads(anchors_path.read_text(encoding="utf-8")).items()}
     trajectories = out / "trajectories.jsonl"
     if not trajectories.is_file():
         from ibisagent.data.trajectory import write_trajectories
         from ibisagent.evaluate import run_oracle
         from ibisagent.tools import load_tool
 
-        records, _ = run_oracle(expert_manifest, load_tool(tool), progress=progress)
+        records, _ = run_oracle(expert_manifest, load_tool(tool), progress=progress, anchors=anchors,
+                                anchor_clicks=ANCHOR_CLICKS)
         write_trajectories(trajectories, records)
     sft_data = out / "sft_data"
     if not (sft_data / "dataset_info.json").is_file():
@@ -370,7 +380,7 @@ def run_recipe(
                    **{k: round(v, 1) for k, v in timings.items()}},
         "model": {"hidden_size": HIDDEN_SIZE, "num_layers": NUM_LAYERS, "vision_hidden_size": VISION_HIDDEN_SIZE,
                   "max_pixels": MAX_PIXELS},
-        "data": {"variants_per_case": variants, "augmented_cases": _count_lines(augmented),
+        "data": {"anchors": anchors, "anchor_clicks": ANCHOR_CLICKS, "variants_per_case": variants, "augmented_cases": _count_lines(augmented),
                  "trajectories": _count_lines(trajectories)},
         "sft": {"steps": max((h.get("step", 0) for h in sft_log), default=0),
                 "first_loss": next((h["loss"] for h in sft_log if "loss" in h), None),
