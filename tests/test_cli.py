@@ -105,6 +105,26 @@ def test_simulate_then_render(small_manifest: Path, tmp_path: Path) -> None:
     assert main(["render", str(traj), "--case", "unknown", "--out", str(png)]) == 2
 
 
+def test_simulate_anchors_the_first_clicks_where_another_manifest_has_the_target(small_manifest: Path,
+                                                                                tmp_path: Path) -> None:
+    # a manifest whose "disc" masks sit at the disc's upper left (x 30-40, y 22-32): the expert starts there
+    yy, xx = np.mgrid[:96, :128]
+    corner = _write_png(tmp_path / "corner.png", ((abs(xx - 35) < 5) & (abs(yy - 27) < 5)).astype(np.uint8) * 255)
+    lines = [{"id": "c", "image": "img.png", "modality": "MR", "instruction": "Segment the disc.",
+              "targets": [{"name": "Disc", "mask": corner}]}]
+    anchors_from = tmp_path / "anchors_from.jsonl"
+    anchors_from.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    plain, anchored = tmp_path / "plain.jsonl", tmp_path / "anchored.jsonl"
+    assert main(["simulate", str(small_manifest), "--out", str(plain), "--no-progress"]) == 1
+    assert main(["simulate", str(small_manifest), "--out", str(anchored), "--no-progress",
+                 "--anchor-from", str(anchors_from)]) == 1
+    first_plain = next(read_trajectories(plain)).steps[0].clicks[0]
+    first = next(read_trajectories(anchored)).steps[0].clicks[0]
+    assert (first_plain.px - 50) ** 2 + (first_plain.py - 40) ** 2 <= 2  # the disc's deepest point: its centre
+    assert (first.px - 50) ** 2 + (first.py - 40) ** 2 < 20**2  # still inside the disc
+    assert np.hypot(first.px - 35, first.py - 27) < np.hypot(first_plain.px - 35, first_plain.py - 27) - 8
+
+
 def test_eval_runs_the_agent_with_an_mllm_policy(small_manifest: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Any policy spec goes through the agent loop and every case is recorded; a case where the (untrained) model

@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="simulate expert click trajectories for a manifest (JSONL out)")
     p.add_argument("manifest", type=Path)
     p.add_argument("--out", type=Path, required=True, help="trajectory JSONL to write")
+    p.add_argument("--anchor-from", type=Path, metavar="MANIFEST",
+                   help="anchor the expert's clicks where each target name is most often found in this manifest's "
+                   "masks (e.g. the training manifest itself; what `train tiny` does); default: the deepest point")
+    p.add_argument("--anchor-clicks", choices=("first", "all"), default="first",
+                   help="with --anchor-from: anchor each target's first click only (default) or every click")
     _add_loop_options(p)
 
     p = sub.add_parser("eval", help="evaluate a policy + tool on a manifest (results.json, results.md, plots)")
@@ -213,8 +218,14 @@ def _run_oracle(args: argparse.Namespace):  # noqa: ANN202
     from ibisagent.evaluate import run_oracle
 
     tool = _load_tool(args.tool, args.device)
+    anchors = None
+    if getattr(args, "anchor_from", None):
+        from ibisagent.data.manifest import click_anchors
+
+        anchors = click_anchors(args.anchor_from)
     return run_oracle(args.manifest, tool, iou_stop=args.iou_stop, max_steps=args.max_clicks, rule=args.rule,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, anchors=anchors,
+                      anchor_clicks=getattr(args, "anchor_clicks", "first"))
 
 
 def _meta(args: argparse.Namespace, policy: str) -> dict[str, object]:

@@ -9,6 +9,7 @@ closed-VQA cases that carry an ``answer``. Unknown keys are ignored.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from ..imaging import (
     slice_of,
     to_display_rgb,
 )
+
+logger = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 REQUIRED_FIELDS = ("id", "image", "modality", "instruction", "targets")
@@ -277,16 +280,17 @@ def _mask(case: Case, path: Path, image: Image) -> np.ndarray:
 
 def click_anchors(path: str | os.PathLike[str]) -> dict[str, tuple[float, float]]:
     """Each target name's click anchor over a manifest's masks (:func:`ibisagent.clicks.click_anchor`): target name
-    (case-folded) → relative ``(x, y)``. Lines and cases that fail to load are left out."""
+    (case-folded) → relative ``(x, y)``. Lines and cases that fail to load are left out, with a warning."""
     from ibisagent.clicks import click_anchor
 
     masks: dict[str, list[np.ndarray]] = {}
     for case in read_manifest(path):
-        if isinstance(case, CaseError):
-            continue
         try:
+            if isinstance(case, CaseError):
+                raise case
             loaded = load_case(case)
-        except CaseError:
+        except CaseError as exc:
+            logger.warning("click anchors: %s left out: %s", path, exc)
             continue
         for name, mask in loaded.targets.items():
             if mask is not None and mask.any():
