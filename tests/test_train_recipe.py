@@ -36,6 +36,8 @@ def test_train_tiny_writes_a_policy_and_a_report_and_a_restart_keeps_the_recorde
     # the expert's first clicks were anchored where each target name is most often found in the training masks
     anchors = json.loads((out / "anchors.json").read_text())
     assert anchors and report["data"]["anchors"] == anchors
+    # beside the mean-click baseline, the blind click at each anchor (what a policy that ignores the image learns)
+    assert report["baseline_image_blind"]["anchor"]["targets"] == report["baseline_image_blind"]["targets"]
     assert all(0.0 <= v <= 1.0 for xy in anchors.values() for v in xy)
     assert report["sft"]["steps"] > 0 and report["sft"]["last_loss"] < report["sft"]["first_loss"]
     assert report["grpo"]["steps"] > 0

@@ -159,17 +159,18 @@ def _write_lines(path: Path, lines: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
-def blind_baseline(trajectories: Path, test_manifest: Path, tool_spec: str = "embedded") -> dict[str, Any]:
-    """The image-blind baseline: each target name's mean first click (relative) over the training trajectories
-    (all targets' mean for unseen names; augmented variants left out, their shifts and flips move the mean away from
-    where real cases have it), clicked on every held-out image. Returns the share of first clicks inside the target
-    and the mean IoU of the tool's mask from that one click (present targets)."""
+def blind_baseline(trajectories: Path, test_manifest: Path, tool_spec: str = "embedded",
+                   anchors: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+    """The image-blind baselines: one click per target name, the same on every held-out image.
+
+    The main one (the issue's): each target name's mean first click (relative) over the training trajectories (all
+    targets' mean for unseen names; augmented variants left out, their shifts and flips move the mean away from where
+    real cases have it). With ``anchors`` (the expert's click anchors), also ``"anchor"``: a click at each name's
+    anchor — the strongest blind click here, since it is where the target is most often found; a policy that only
+    learnt where the target usually is matches it, one that reads the image beats it. Each gives the share of first
+    clicks inside the target and the mean IoU of the tool's mask from that one click (present targets)."""
     from ibisagent.data.augment import is_variant
-    from ibisagent.data.manifest import load_case, read_cases
     from ibisagent.data.trajectory import read_trajectories
-    from ibisagent.metrics import iou
-    from ibisagent.protocol import Action
-    from ibisagent.tools import load_tool
 
     firsts: dict[str, list[tuple[float, float]]] = {}
     for record in read_trajectories(trajectories):
@@ -182,7 +183,21 @@ def blind_baseline(trajectories: Path, test_manifest: Path, tool_spec: str = "em
                 break
     everything = [p for points in firsts.values() for p in points] or [(0.5, 0.5)]
     mean_of = {name: tuple(np.mean(points, axis=0)) for name, points in firsts.items()}
-    overall = tuple(np.mean(everything, axis=0))
+    result = _blind_clicks(mean_of, tuple(np.mean(everything, axis=0)), test_manifest, tool_spec)
+    if anchors:
+        result["anchor"] = _blind_clicks(anchors, (0.5, 0.5), test_manifest, tool_spec)
+    return result
+
+
+def _blind_clicks(points: dict[str, tuple[float, float]], default: tuple[float, float], test_manifest: Path,
+                  tool_spec: str) -> dict[str, Any]:
+    """One positive click at ``points[name]`` (relative; ``default`` for other names) on every present target of
+    the manifest: the share inside and the mean IoU of the tool's mask from it."""
+    from ibisagent.data.manifest import load_case, read_cases
+    from ibisagent.metrics import iou
+    from ibisagent.protocol import Action
+    from ibisagent.tools import load_tool
+
     tool = load_tool(tool_spec)
     inside, ious = [], []
     for case in read_cases(test_manifest):
@@ -191,7 +206,7 @@ def blind_baseline(trajectories: Path, test_manifest: Path, tool_spec: str = "em
         for name, truth in loaded.targets.items():
             if truth is None or not truth.any():
                 continue
-            x, y = mean_of.get(name.casefold(), overall)
+            x, y = points.get(name.casefold(), default)
             h, w = truth.shape
             click = Action("positive", float(np.clip(x, 0, 1)), float(np.clip(y, 0, 1))).to_click(w, h)
             inside.append(bool(truth[click.y, click.x]))
@@ -362,7 +377,7 @@ def run_recipe(
     report: dict[str, Any] = {"manifest": str(manifest), "minutes": minutes, "seed": seed, "tool": tool,
                               "split": {"train_cases": len(train_lines), "test_cases": len(test_ids)}}
     if test_ids:
-        report["baseline_image_blind"] = blind_baseline(trajectories, test_manifest, tool)
+        report["baseline_image_blind"] = blind_baseline(trajectories, test_manifest, tool, anchors)
         report["after_sft"] = evaluate_policy(sft_policy, test_manifest, out / "eval_sft", tool, progress=progress)
         report["after_grpo"] = evaluate_policy(grpo_policy, test_manifest, out / "eval_grpo", tool,
                                                progress=progress)
