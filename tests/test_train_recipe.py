@@ -42,6 +42,7 @@ def test_train_tiny_writes_a_policy_and_a_report_and_a_restart_keeps_the_recorde
     assert report["sft"]["steps"] > 0 and report["sft"]["last_loss"] < report["sft"]["first_loss"]
     assert report["grpo"]["steps"] > 0
     assert (out / "curves.png").stat().st_size > 0 and (out / "policy" / "config.json").is_file()
+    assert (out / "eval_sft" / "trajectories.jsonl").is_file()  # the held-out clicks, to look at
     first_budget = report["budget"]
 
     recorded = json.loads((out / "budget.json").read_text())

@@ -35,7 +35,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -69,7 +69,7 @@ FIRST_TURN_REPEATS = 4
 #: target lies anywhere along it, so a small policy imitating it learns the mean position, often outside the target.
 #: Every click: side by side on the real-MRI tuning set, anchoring every click or only the first ones gave first
 #: clicks inside 0.78 vs 0.74 after SFT (before: 0.58), the same mean IoU within noise (docs/TRAINING.md).
-ANCHOR_CLICKS = "all"
+ANCHOR_CLICKS: Literal["first", "all"] = "all"
 #: GRPO: peak learning rate (decayed to 0 over its time), prompts per step (each with GRPO_GENERATIONS rollouts) and
 #: executed actions per rollout. One action: trl's rollout context (the whole interleaved history) equals the
 #: product's default context (history ``off``: system, current picture, prompt) only on the first turn; measured on
@@ -220,9 +220,10 @@ def _blind_clicks(points: dict[str, tuple[float, float]], default: tuple[float, 
 
 def evaluate_policy(policy_dir: Path, test_manifest: Path, out: Path, tool_spec: str = "embedded",
                     max_steps: int = 10, progress: bool = True) -> dict[str, Any]:
-    """``ibisagent eval`` of ``hf:policy_dir`` on the held-out manifest; returns the overall summary with the policy
-    metrics and the mean IoU after the first click."""
+    """``ibisagent eval --trajectories`` of ``hf:policy_dir`` on the held-out manifest; returns the overall summary
+    with the policy metrics and the mean IoU after the first click."""
     from ibisagent.agent import AgentConfig
+    from ibisagent.data.trajectory import write_trajectories
     from ibisagent.evaluate import run_policy, write_results
     from ibisagent.policies import load_policy
     from ibisagent.policies.base import GenerationOptions
@@ -234,6 +235,7 @@ def evaluate_policy(policy_dir: Path, test_manifest: Path, out: Path, tool_spec:
     records, results = run_policy(test_manifest, policy, tool, config, progress=progress)
     summary = write_results(out, results, {"manifest": str(test_manifest), "policy": policy.name,
                                            "tool": tool_spec, "max_steps": max_steps})
+    write_trajectories(out / "trajectories.jsonl", records)  # the clicks, for `ibisagent render` and inspection
     overall = dict(summary.get("overall", summary))
     firsts = [t.ious[0] for r in results if r.scored for t in r.targets if t.present and t.ious]
     overall["first_click_iou"] = statistics.fmean(firsts) if firsts else None
