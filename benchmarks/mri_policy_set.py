@@ -14,7 +14,8 @@ Labels (documented in :mod:`brain_mri`): the whole brain by threshold + closing 
 the tissue classes by a 3-class multi-Otsu inside the brain: on the T1 slices white matter is the brightest class and
 grey matter the middle one; on the T2-like EPI/b0 slices (tissue contrast too low for white/grey matter) the brightest
 class is the cerebrospinal fluid (ventricles and sulci). Every slice also gets one absent target
-(a name cycled from :data:`ABSENT`, empty mask). The test manifest holds every third slice of each volume, so its
+(a name cycled from :data:`ABSENT`, empty mask), and every second T1 slice a two-target request ("Segment the white
+matter and the grey matter.", the multi-target format of the action grammar). The test manifest holds every third slice of each volume, so its
 images never appear in training — though their neighbours do (adjacent slices of one volume look alike: a test of
 generalisation across slices, not across patients). Slices are resized to ``SIZE`` × ``SIZE`` (non-square slices are
 stretched).
@@ -113,6 +114,12 @@ def write_set(out: Path, size: int = SIZE) -> tuple[int, int]:
             lines[split].append(json.dumps({
                 "id": f"{name}.{target.replace(' ', '_')}", "image": f"images/{name}.png", "modality": "MRI",
                 "instruction": f"Segment the {target}.", "targets": [{"name": target, "mask": f"images/{mask_file}"}]}))
+        if k % 2 == 0 and {"white matter", "grey matter"} <= set(labels):  # the multi-target request format
+            pair = ("white matter", "grey matter")
+            lines[split].append(json.dumps({
+                "id": f"{name}.white_and_grey_matter", "image": f"images/{name}.png", "modality": "MRI",
+                "instruction": "Segment the white matter and the grey matter.",
+                "targets": [{"name": t, "mask": f"images/{name}_{t.replace(' ', '_')}.png"} for t in pair]}))
         absent = ABSENT[absent_i % len(ABSENT)]
         absent_i += 1
         lines[split].append(json.dumps({

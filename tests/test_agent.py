@@ -499,6 +499,14 @@ def test_prompts_defaults_and_overrides(tmp_path: Path) -> None:
     user.write_text('refine = "no placeholder"\n')
     with pytest.raises(ValueError, match="'refine'.*instruction"):
         load_prompts(user)
+    assert prompts.points_line(["Positive Point (0.5000, 0.5000)", "Undo"]).startswith("Points so far: Positive")
+    assert prompts.points_line([]) == prompts.no_points
+    user.write_text('points = "Clicked: {points}"\nno_points = "Nothing clicked."\n')
+    assert load_prompts(user).points_line(["a", "b"]) == "Clicked: a; b"
+    assert load_prompts(user).points_line([]) == "Nothing clicked."
+    user.write_text('points = "Clicked."\n')
+    with pytest.raises(ValueError, match="'points'.*points"):
+        load_prompts(user)
     user.write_text('greeting = "hi"\n')
     with pytest.raises(ValueError, match="greeting"):
         load_prompts(user)

@@ -150,6 +150,7 @@ def test_eval_runs_the_agent_with_an_mllm_policy(small_manifest: Path, tmp_path:
     meta = results["meta"]
     assert meta["max_turns"] == 1 and meta["max_clicks"] == 7 and meta["max_new_tokens"] == 12
     assert "iou_stop" not in meta and "rule" not in meta and "max_steps" not in meta
+    assert meta["show_points"] is False  # the tiny model's folder records nothing: the released turns
 
 
 def test_a_dead_policy_backend_fails_every_case_instead_of_scoring_empty_masks(small_manifest: Path,

@@ -23,7 +23,7 @@ from ibisagent.data.sft import build_sft  # noqa: E402
 from ibisagent.data.trajectory import read_trajectories, write_trajectories  # noqa: E402
 from ibisagent.observation import qwen_grid, resize_image  # noqa: E402
 from ibisagent.prompts import load_prompts  # noqa: E402
-from ibisagent.protocol import parse_response  # noqa: E402
+from ibisagent.protocol import format_action, parse_response  # noqa: E402
 
 #: A small policy image budget keeps the rows small (the grid is still Qwen's smart resize).
 PIXELS = 64 * 64
@@ -112,6 +112,35 @@ def test_dataset_opens_with_messages_and_images_in_placeholder_order(simulated, 
         assert len(dataset) == stats["samples"] + stats["self_correction"] + stats["inconsistency"]
     kinds = {m["kind"] for m in meta}
     assert kinds == {"expert", "self_correction", "inconsistency"}
+
+
+def test_listed_points_are_the_expert_clicks_so_far_and_the_dataset_records_it(simulated, tmp_path: Path) -> None:
+    from ibisagent.env import read_observation
+
+    _build(simulated, tmp_path / "points", history="full", show_points=True)
+    assert read_observation(tmp_path / "points") == {"show_points": True}  # SFT carries it into the policy
+    dataset, meta = _rows(tmp_path / "points")
+    checked = 0
+    for row, info in zip(dataset, meta):
+        if info["kind"] != "expert":
+            continue
+        placed: list[str] = []
+        for message in row["messages"][1:]:
+            if message["role"] == "assistant":
+                placed += [format_action(a) for a in parse_response(message["content"][0]["text"]).clicks]
+                continue
+            text = message["content"][-1]["text"]
+            if placed:  # every refinement turn lists exactly the expert's clicks before it
+                assert text.splitlines()[-1] == f"Points so far: {'; '.join(placed)}.", text
+                checked += 1
+            else:
+                assert "Points so far" not in text
+    assert checked >= 4  # the refinement turns of the five expert episodes
+    _build(simulated, tmp_path / "plain", history="off")
+    assert read_observation(tmp_path / "plain") == {"show_points": False}
+    plain, _ = _rows(tmp_path / "plain")
+    assert not any("Points so far" in p["text"] for row in plain for m in row["messages"] for p in m["content"]
+                   if p["type"] == "text")
 
 
 def test_not_trained_flag_lands_on_exactly_the_wrong_turns(simulated, tmp_path: Path) -> None:

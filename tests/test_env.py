@@ -211,6 +211,59 @@ def test_history_modes(session: ImageSession, history: str) -> None:
     assert np.array_equal(obs.image, observation_image(IMAGE, [env.masks["disc"]]))
 
 
+def test_refinement_turns_list_the_points_of_the_current_state_when_asked(session: ImageSession) -> None:
+    prompts = load_prompts()
+    refine = prompts.refine_turn("Segment the disc.", ("disc",))
+    env = env_for(session, config=EnvConfig(show_points=True))
+    first = env.reset()
+    assert "Points so far" not in first.turn["content"][1]["text"]  # the first turn has no mask and no points
+    one = env.step(turn(click(50, 40), click(90, 80, positive=False))).observation
+    assert one is not None
+    assert one.turn["content"][1]["text"] == (f"{refine}\nPoints so far: Positive Point ({50.5 / W:.4f}, "
+                                              f"{40.5 / H:.4f}); Negative Point ({90.5 / W:.4f}, {80.5 / H:.4f}).")
+    two = env.step(turn(click(35, 40))).observation
+    assert two is not None and two.turn["content"][1]["text"].count("Point (") == 3
+    # the list is the state's: Undo takes the last step's point back, Reset all of them
+    undone = env.step(turn(UNDO)).observation
+    assert undone is not None and undone.turn["content"][1]["text"] == one.turn["content"][1]["text"]
+    emptied = env.step(turn(RESET)).observation
+    assert emptied is not None and emptied.turn["content"][1]["text"] == f"{refine}\n{prompts.no_points}"
+    # off by default: the released checkpoint's turns
+    plain = env_for(session)
+    plain.reset()
+    after = plain.step(turn(click(50, 40))).observation
+    assert after is not None and after.turn["content"][1]["text"] == refine
+
+
+def test_listed_points_name_their_target_when_there_are_several(session: ImageSession) -> None:
+    env = SegmentationEnv(IMAGE, "Segment the disc and the ring.", ["disc", "ring"], session,
+                          config=EnvConfig(show_points=True))
+    env.reset()
+    obs = env.step(turn(click(50, 40, target="disc"), click(10, 10, target="ring"),
+                        click(52, 42, positive=False, target="disc"))).observation
+    assert obs is not None
+    listed = obs.turn["content"][1]["text"].splitlines()[-1]
+    assert listed == (f"Points so far: Positive Point ({50.5 / W:.4f}, {40.5 / H:.4f}) [disc]; "
+                      f"Negative Point ({52.5 / W:.4f}, {42.5 / H:.4f}) [disc]; "
+                      f"Positive Point ({10.5 / W:.4f}, {10.5 / H:.4f}) [ring].")
+
+
+def test_observation_settings_round_trip_and_bad_records_are_refused(tmp_path: Path) -> None:
+    from ibisagent.env import OBSERVATION_FILE, read_observation, write_observation
+
+    assert read_observation(tmp_path) == {}  # a checkpoint trained elsewhere records nothing
+    write_observation(tmp_path, {"show_points": True, "history": "full"})  # only observation fields are kept
+    assert read_observation(tmp_path) == {"show_points": True}
+    write_observation(tmp_path, {})
+    assert read_observation(tmp_path) == {"show_points": False}
+    for text, message in (("{", "not a readable JSON"), ('{"show_points": true}', "'observation' object"),
+                          ('{"observation": {"show_points": "yes"}}', "true or false"),
+                          ('{"observation": {"history": "full"}}', "unknown observation setting")):
+        (tmp_path / OBSERVATION_FILE).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_observation(tmp_path)
+
+
 def test_a_malformed_turn_gets_a_repair_turn_at_the_same_step(session: ImageSession) -> None:
     env = env_for(session)
     env.reset()

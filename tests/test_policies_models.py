@@ -293,6 +293,31 @@ def test_hf_missing_directory(tmp_path: Path) -> None:
         HFPolicy(tmp_path / "nope")
 
 
+def test_a_checkpoint_is_run_the_way_its_folder_says_it_was_trained(tiny_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from ibisagent.agent import AgentConfig, AgentJob, make_env
+    from ibisagent.env import OBSERVATION_FILE, write_observation
+    from ibisagent.policies.hf import HFPolicy
+    from ibisagent.tools import load_tool
+
+    image = _image(56, 56, 0)
+    job = AgentJob(session=load_tool("embedded").encode(image), image=image, instruction="Segment the lesion.",
+                   targets=("lesion",))
+    plain = HFPolicy(tiny_dir, device="cpu")
+    assert plain.observation_settings() == {} and not make_env(plain, job).config.show_points
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_dir, trained)
+    write_observation(trained, {"show_points": True})
+    policy = HFPolicy(trained, device="cpu")
+    assert policy.observation_settings() == {"show_points": True}
+    assert make_env(policy, job).config.show_points  # no flag needed
+    assert not make_env(policy, job, AgentConfig(show_points=False)).config.show_points  # an explicit choice wins
+    (trained / OBSERVATION_FILE).write_text('{"observation": {"show_point": true}}')
+    with pytest.raises(PolicyError, match="unknown observation setting.*show_point"):
+        HFPolicy(trained, device="cpu")
+
+
 # ----------------------------------------------------------------------------- openai: against transformers serve
 
 

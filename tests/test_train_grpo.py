@@ -61,7 +61,8 @@ def test_grpo_moves_loss_and_rewards_and_reloads(taught, mode):
     before, after = _weights(sft_policy), _weights(policy)
     assert any(not np.array_equal(before[k], after[k]) for k in before)  # the weights moved
     assert json.loads((root / f"grpo_{mode}" / "grpo_log.json").read_text())
-    load_policy(f"hf:{policy}", device="cpu")  # the saved policy reloads as an hf: policy
+    reloaded = load_policy(f"hf:{policy}", device="cpu")  # the saved policy reloads as an hf: policy
+    assert reloaded.observation_settings() == {"show_points": False}  # observing as the policy it started from
 
 
 @pytest.mark.slow
@@ -80,7 +81,7 @@ def test_rollout_observation_images_reach_the_forward_pass(taught):
                            num_generations=4, max_turns=3, max_completion_length=600, prompts=prompts,
                            temperature=0.2, save_steps=1000)
     processor = load_processor(sft_policy, config)
-    rows = [r for r in build_rows(manifest, "rollout", env_settings(config, processor), progress=False)
+    rows = [r for r in build_rows(manifest, "rollout", env_settings(config, processor, sft_policy), progress=False)
             if r["case_id"] != "absent"]
     trainer = make_trainer(config, rows, root / "images", sft_policy, processor)
     seen: list[int] = []
@@ -154,3 +155,30 @@ def test_step_rows_are_the_states_before_each_expert_turn_within_the_click_budge
     env = make_env(str(manifest), "c0", settings)
     env.reset()
     assert len(oracle_turns(env, max_turns=1)) == 1 and not env.done
+
+
+
+def test_grpo_observes_as_the_policy_it_starts_from(tmp_path):
+    """A policy trained with the points listed keeps them in GRPO: the rollouts and the step rows list them."""
+    import shutil
+
+    from ibisagent.env import write_observation
+    from ibisagent.policies.tiny import ensure_tiny_model
+    from ibisagent.protocol import format_action, parse_response
+    from ibisagent.train.common import load_processor
+    from ibisagent.train.config import GRPORunConfig
+    from ibisagent.train.grpo import build_rows, env_settings
+
+    start = tmp_path / "policy"
+    shutil.copytree(ensure_tiny_model(tmp_path / "cache"), start)
+    config = GRPORunConfig(model=str(start), mode="step")
+    assert not env_settings(config, load_processor(start, config), start).show_points
+    write_observation(start, {"show_points": True})
+    settings = env_settings(config, load_processor(start, config), start)
+    assert settings.show_points
+    manifest = write_manifest(tmp_path / "data", cases=1)
+    later = [row for row in build_rows(manifest, "step", settings, progress=False) if json.loads(row["history"])]
+    assert later
+    for row in later:
+        clicks = [format_action(a) for turn in json.loads(row["history"]) for a in parse_response(turn).clicks]
+        assert row["prompt"][-1]["content"][-1]["text"].splitlines()[-1] == f"Points so far: {'; '.join(clicks)}."

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from ibisagent.env import read_observation
 from train_data import write_manifest
 
 pytest.importorskip("trl")
@@ -43,6 +44,9 @@ def test_train_tiny_writes_a_policy_and_a_report_and_a_restart_keeps_the_recorde
     assert report["grpo"]["steps"] > 0
     assert (out / "curves.png").stat().st_size > 0 and (out / "policy" / "config.json").is_file()
     assert (out / "eval_sft" / "trajectories.jsonl").is_file()  # the held-out clicks, to look at
+    # the policy lists its points in refinement turns (SFT rows, GRPO) and says so, so `hf:` runs it that way
+    assert report["data"]["show_points"] is True
+    assert read_observation(out / "sft_data") == read_observation(out / "policy") == {"show_points": True}
     first_budget = report["budget"]
 
     recorded = json.loads((out / "budget.json").read_text())

@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_service_trains_on_trajectories_and_the_app_picks_up_the_policy(tmp_path, monkeypatch):
+    import shutil
+
     from ibisagent.data.trajectory import write_trajectories
+    from ibisagent.env import read_observation, write_observation
     from ibisagent.evaluate import run_oracle
     from ibisagent.policies.tiny import ensure_tiny_model
     from ibisagent.tools import load_tool
@@ -35,7 +38,9 @@ def test_service_trains_on_trajectories_and_the_app_picks_up_the_policy(tmp_path
     runtime = Runtime(Options(policy="tiny"), model_dir)
     assert runtime.policy_spec() == "tiny" and latest_policy(model_dir) is None
 
-    base = ensure_tiny_model(tmp_path / "cache")
+    base = tmp_path / "base"  # a policy trained with the points listed (as the bundled one)
+    shutil.copytree(ensure_tiny_model(tmp_path / "cache"), base)
+    write_observation(base, {"show_points": True})
     assert main(["grpo", "--model-dir", str(model_dir), "--base", f"hf:{base}"]) == 2  # no manifest: clear failure
     assert latest_policy(model_dir) is None  # a failed run publishes nothing
     assert main(["sft", "--model-dir", str(model_dir), "--base", f"hf:{base}", "--corrections", str(corrections),
@@ -44,4 +49,6 @@ def test_service_trains_on_trajectories_and_the_app_picks_up_the_policy(tmp_path
     assert trained is not None and trained.parent.parent.name == "ibisagent_runs"
     assert runtime.policy_spec() == f"hf:{trained}"
     assert runtime.policy().name == f"hf:{trained}"
+    # the corrections were shown the way the base observes, and the fine-tuned policy keeps observing so
+    assert read_observation(trained.parent / "sft_data") == read_observation(trained) == {"show_points": True}
     sys.modules.pop("lib.infers.common", None)

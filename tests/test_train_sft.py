@@ -184,7 +184,10 @@ def test_sft_steps_lower_the_loss_and_the_policy_reloads(tmp_path, tiny, monkeyp
     from ibisagent.train.config import SFTRunConfig
     from ibisagent.train.sft import run_sft
 
+    from ibisagent.env import write_observation
+
     data = write_sft_dataset(tmp_path / "data", rows=2, bad_rows=True)
+    write_observation(data, {"show_points": True})  # as `build-sft --show-points` records it
     config = SFTRunConfig(model=str(tiny), max_steps=4, learning_rate=5e-3, save_steps=2)
     result = run_sft(config, data, tmp_path / "run")
     losses = [h["loss"] for h in result.log_history if "loss" in h]
@@ -198,6 +201,7 @@ def test_sft_steps_lower_the_loss_and_the_policy_reloads(tmp_path, tiny, monkeyp
     assert progress["step"] == 4 and progress["best_metric"] == pytest.approx(min(losses))
     policy = load_policy(f"hf:{result.policy}", device="cpu")
     assert "generation" in policy.processor.chat_template  # the training template travels with the checkpoint
+    assert policy.observation_settings() == {"show_points": True}  # and so does the way its data observed
     image = np.asarray(square_image(56, 28, 28))
     tool = load_tool("embedded")
     traj = run_agent(policy, tool.encode(image), image, "Segment the lesion.", "lesion",

@@ -61,6 +61,8 @@ class AgentConfig:
         repair_retries: repair turns (the error and the expected format, :func:`protocol.repair_message`) after
             malformed output before stopping with ``unparseable``.
         options: decoding settings passed to the policy.
+        show_points: list the points placed so far in each refinement turn (:attr:`EnvConfig.show_points`);
+            ``None`` = as the policy was trained (:meth:`Policy.observation_settings`, off when it records nothing).
     """
 
     max_steps: int = 10
@@ -69,6 +71,7 @@ class AgentConfig:
     time_limit: float | None = None
     repair_retries: int = 1
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    show_points: bool | None = None
 
     def __post_init__(self) -> None:
         self.env  # noqa: B018 - validates the episode settings
@@ -79,7 +82,14 @@ class AgentConfig:
     def env(self) -> EnvConfig:
         """The episode settings of the environment."""
         return EnvConfig(max_steps=self.max_steps, history=self.history, repeat_limit=self.repeat_limit,
-                         repair_retries=self.repair_retries)
+                         repair_retries=self.repair_retries, show_points=bool(self.show_points))
+
+    def env_for(self, policy: Policy) -> EnvConfig:
+        """The episode settings for ``policy``: :attr:`env`, with the observation settings the policy was trained
+        with (:meth:`Policy.observation_settings`) wherever this config leaves them ``None``."""
+        recorded = policy.observation_settings()
+        show_points = self.show_points if self.show_points is not None else recorded.get("show_points", False)
+        return replace(self.env, show_points=bool(show_points))
 
 
 @dataclass(frozen=True)
@@ -128,8 +138,8 @@ def make_env(policy: Policy, job: AgentJob, config: AgentConfig | None = None,
     image = check_image(job.image)
     return SegmentationEnv(image, job.instruction, job.targets, job.session,
                            policy_grid=policy_grid(policy, (int(image.shape[0]), int(image.shape[1]))),
-                           initial_masks=job.initial_masks, ground_truth=job.ground_truth, config=config.env,
-                           prompts=prompts or load_prompts())
+                           initial_masks=job.initial_masks, ground_truth=job.ground_truth,
+                           config=config.env_for(policy), prompts=prompts or load_prompts())
 
 
 def run_agent(

@@ -39,6 +39,9 @@ def _add_agent_options(parser: argparse.ArgumentParser) -> None:
                         help="what the policy sees each step: off = current overlay only (the released checkpoint's "
                         "setting), full = the whole interleaved history")
     parser.add_argument("--prompts", type=Path, help="a TOML prompt file overriding the built-in wording")
+    parser.add_argument("--show-points", action=argparse.BooleanOptionalAction, default=None,
+                        help="list the points placed so far in each refinement turn (default: as the policy was "
+                        "trained, from its ibisagent.json; off for checkpoints that record nothing)")
     parser.add_argument("--time-limit", type=float, default=None, help="wall-clock seconds per case; for `segment` on a volume, all its slices together (default: none)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model turn (default: 512)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
@@ -132,6 +135,9 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (a killed run started again resumes)")
     p.add_argument("--device", default="cpu", help="torch device for model-based tools (default: cpu)")
     p.add_argument("--prompts", type=Path, help="a TOML prompt file overriding the built-in wording")
+    p.add_argument("--show-points", action="store_true",
+                   help="list the points placed so far in each refinement turn (recorded in OUT/ibisagent.json; a "
+                   "policy trained on the data carries it to inference)")
     p.add_argument("--max-pixels", type=int, default=262144,
                    help="policy image budget in pixels, as the processor's max_pixels (default: 262144)")
     p.add_argument("--min-pixels", type=int, default=3136, help="policy image minimum in pixels (default: 3136)")
@@ -259,16 +265,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ibisagent.evaluate import format_table, write_results
 
     _prepare_dir(args.out)
+    meta = _meta(args, args.policy)
     if args.policy == "oracle":
         records, results = _run_oracle(args)
     else:
         from ibisagent.evaluate import run_policy
 
         policy = _load_policy(args.policy, args.device, progress=not args.no_progress)
-        records, results = run_policy(args.manifest, policy, _load_tool(args.tool, args.device),
-                                      _agent_config(args, args.max_turns), prompts=_prompts(args),
-                                      progress=not args.no_progress)
-    summary = write_results(args.out, results, _meta(args, args.policy), args.max_clicks)
+        config = _agent_config(args, args.max_turns)
+        meta["show_points"] = config.env_for(policy).show_points  # the flag, or as the policy was trained
+        records, results = run_policy(args.manifest, policy, _load_tool(args.tool, args.device), config,
+                                      prompts=_prompts(args), progress=not args.no_progress)
+    summary = write_results(args.out, results, meta, args.max_clicks)
     if args.trajectories:
         write_trajectories(args.out / "trajectories.jsonl", records)
     print(format_table(summary))
@@ -281,7 +289,8 @@ def _agent_config(args: argparse.Namespace, max_turns: int):  # noqa: ANN202 - A
     from ibisagent.policies import GenerationOptions
 
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    return AgentConfig(max_steps=max_turns, history=args.history, time_limit=args.time_limit, options=options)
+    return AgentConfig(max_steps=max_turns, history=args.history, time_limit=args.time_limit, options=options,
+                       show_points=args.show_points)
 
 
 def _prompts(args: argparse.Namespace):  # noqa: ANN202 - Prompts | None
@@ -547,7 +556,8 @@ def cmd_build_sft(args: argparse.Namespace) -> int:
                       manifest=args.manifest, teacher=teacher, prompts=args.prompts,
                       instruction_ratio=args.instruction_ratio, refinement_ratio=args.refinement_ratio,
                       min_pixels=args.min_pixels, max_pixels=args.max_pixels, workers=args.workers,
-                      engine=args.engine, progress=not args.no_progress, llamafactory=args.llamafactory)
+                      engine=args.engine, progress=not args.no_progress, llamafactory=args.llamafactory,
+                      show_points=args.show_points)
     print(format_stats(stats))
     print(f"\n{stats['rows']} rows → {args.out} (datasets.load_from_disk); skipped and filtered cases: "
           f"{args.out / 'report.jsonl'}")
@@ -561,7 +571,8 @@ def cmd_build_rl(args: argparse.Namespace) -> int:
     stats = build_rl(args.manifest, args.out, modes=args.modes, tool=args.tool, device=args.device,
                      iou_stop=args.iou_stop, max_steps=args.max_steps, rule=args.rule, prompts=args.prompts,
                      min_pixels=args.min_pixels, max_pixels=args.max_pixels, workers=args.workers,
-                     engine=args.engine, progress=not args.no_progress, verl=args.verl)
+                     engine=args.engine, progress=not args.no_progress, verl=args.verl,
+                     show_points=args.show_points)
     lines = ["| modality | " + " | ".join(stats["rows"]) + " |", "|---|" + "---|" * len(stats["rows"])]
     for modality, counts in stats["per_modality"].items():
         lines.append(f"| {modality or '(none)'} | " + " | ".join(str(counts.get(m, 0)) for m in stats["rows"]) + " |")

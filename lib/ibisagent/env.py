@@ -31,6 +31,9 @@ Usage::
 * **History** (:attr:`EnvConfig.history`): ``off`` = system prompt + current observation each step (as the released
   checkpoint was run); ``full`` = system prompt, first image turn, then every assistant turn and observation in
   order. A failed attempt and its repair turn are shown only while repairing that step.
+* **Points** (:attr:`EnvConfig.show_points`, off by default): each refinement turn ends with a line listing the
+  current state's clicks. A policy trained with it records so in its folder (:data:`OBSERVATION_FILE`) and drivers
+  apply it (:meth:`ibisagent.agent.AgentConfig.env_for`).
 * **Stops** (:data:`StopReason`): ``terminate``; ``max_steps``; ``repeated_click`` (the same click — target,
   policy-grid pixel, polarity — :attr:`EnvConfig.repeat_limit` times in a row, ``Undo``/``Reset`` breaking the
   run; the repeating step is not applied); ``unparseable`` (still malformed after
@@ -49,11 +52,14 @@ shared freely.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -61,6 +67,7 @@ from PIL import Image as PILImage
 
 from ibisagent.clicks import Click
 from ibisagent.data.trajectory import ClickRecord, StepRecord, TrajectoryRecord, rle_decode, rle_encode
+from ibisagent.fileio import atomic_write_text
 from ibisagent.metrics import dice, iou
 from ibisagent.observation import observation_image, resize_image, resize_mask, to_pil
 from ibisagent.policies.base import Conversation, Message, Observation, PolicyRequest
@@ -114,12 +121,18 @@ class EnvConfig:
             requested this many times in a row (``Undo`` and ``Reset`` break the run), the authors' rule.
         repair_retries: repair turns (the error and the expected format, :func:`protocol.repair_message`) after
             malformed output before stopping with ``unparseable``.
+        show_points: append to each refinement turn a line listing the points placed so far, per target in click
+            order, as action lines (:meth:`Prompts.points_line`; image-grid pixel centres, four decimals). Off by
+            default: the released checkpoint was trained without it. With history ``off`` the overlay alone does
+            not tell a model which points it already placed, so a small policy repeats its last one; a policy
+            trained with the line records it in its folder (:func:`write_observation`).
     """
 
     max_steps: int = 10
     history: HistoryMode = "off"
     repeat_limit: int = 3
     repair_retries: int = 1
+    show_points: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -130,6 +143,50 @@ class EnvConfig:
             raise ValueError(f"repeat_limit must be >= 1, got {self.repeat_limit}")
         if self.repair_retries < 0:
             raise ValueError(f"repair_retries must be >= 0, got {self.repair_retries}")
+
+
+#: The file in a policy folder (and in the training data it was made from) that records how the policy observes:
+#: the :class:`EnvConfig` fields of :data:`OBSERVATION_FIELDS` it was trained with. Drivers apply them
+#: (:func:`ibisagent.agent.make_env`), so a checkpoint is run the way it was trained without flags.
+OBSERVATION_FILE = "ibisagent.json"
+#: The :class:`EnvConfig` fields that change what a policy sees (its observation) and so belong to a checkpoint.
+OBSERVATION_FIELDS = ("show_points",)
+
+
+def read_observation(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The observation settings recorded in ``folder`` (:data:`OBSERVATION_FILE`): field → value, ``{}`` when the
+    folder has no such file (a checkpoint trained elsewhere: the defaults apply).
+
+    Raises:
+        ValueError: the file is not a JSON object of known fields with values of the right type (names the file).
+    """
+    path = Path(folder) / OBSERVATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable JSON file ({exc})") from exc
+    observation = data.get("observation") if isinstance(data, dict) else None
+    if not isinstance(observation, dict):
+        raise ValueError(f"{path}: expected an object with an 'observation' object, got {data!r}")
+    unknown = sorted(set(observation) - set(OBSERVATION_FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: unknown observation setting(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(OBSERVATION_FIELDS)}")
+    if not all(isinstance(value, bool) for value in observation.values()):
+        raise ValueError(f"{path}: observation settings must be true or false, got {observation!r}")
+    return dict(observation)
+
+
+def write_observation(folder: str | os.PathLike[str], settings: Mapping[str, Any]) -> Path:
+    """Record observation settings (:data:`OBSERVATION_FIELDS` taken from ``settings``, an :class:`EnvConfig`'s
+    fields or :func:`read_observation`'s result; missing ones get the defaults) in ``folder``; returns the file."""
+    defaults = EnvConfig()
+    observation = {name: bool(settings.get(name, getattr(defaults, name))) for name in OBSERVATION_FIELDS}
+    path = Path(folder) / OBSERVATION_FILE
+    atomic_write_text(path, json.dumps({"observation": observation}, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 @dataclass(frozen=True)
@@ -776,7 +833,17 @@ class SegmentationEnv:
         t0 = time.perf_counter()
         picture = observation_image(self.policy_image, [t.mask for t in self.state.targets])
         self._seconds["render"] += time.perf_counter() - t0
-        return _image_message(picture, self.prompts.refine_turn(self.instruction, self.targets))
+        text = self.prompts.refine_turn(self.instruction, self.targets)
+        if self.config.show_points:
+            text += "\n" + self.prompts.points_line(self._point_lines())
+        return _image_message(picture, text)
+
+    def _point_lines(self) -> list[str]:
+        """The current state's clicks as action lines, per target in click order (suffixed when several targets)."""
+        height, width = self.grid
+        several = len(self.targets) > 1
+        return [format_action(Action.from_click(click, width, height, name if several else None))
+                for name, target in zip(self.targets, self.state.targets) for click in target.clicks]
 
     def _record(self, raw: str, response: Response | None, error: str | None, actions: tuple[Action, ...],
                 clicks: tuple[ClickResult, ...], before: EnvState, timings: StepTimings, *, advance: bool = False,

@@ -34,7 +34,7 @@ from ibisagent.data.manifest import Case, CaseError, load_case, read_manifest
 from ibisagent.data.runner import Engine, prepare_work_dir, run_tasks
 from ibisagent.data.sft import dataset_messages, load_tool_cached, png_bytes
 from ibisagent.data.trajectory import rle_encode
-from ibisagent.env import EnvConfig, SegmentationEnv
+from ibisagent.env import EnvConfig, SegmentationEnv, write_observation
 from ibisagent.fileio import atomic_write_text
 from ibisagent.metrics import iou
 from ibisagent.observation import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, qwen_grid, resize_image
@@ -113,9 +113,9 @@ def rl_case(task: dict[str, Any]) -> dict[str, Any]:
     if "step" not in options["modes"]:
         return part
     session = load_tool_cached(options["tool"], options["device"]).encode(rgb)
+    config = EnvConfig(max_steps=options["max_steps"], history="off", show_points=options["show_points"])
     env = SegmentationEnv(rgb, case.instruction, targets, session, policy_grid=grid, initial_masks=initial,
-                          ground_truth=truth, config=EnvConfig(max_steps=options["max_steps"], history="off"),
-                          prompts=load_prompts(options["prompts"]))
+                          ground_truth=truth, config=config, prompts=load_prompts(options["prompts"]))
     oracle = OraclePolicy(loaded.targets, rule=options["rule"], iou_stop=options["iou_stop"])
     obs = env.reset()
     clicks: list[dict[str, Any]] = []
@@ -177,6 +177,7 @@ def build_rl(
     engine: Engine = "local",
     progress: bool = True,
     verl: bool = False,
+    show_points: bool = False,
 ) -> dict[str, Any]:
     """Write ``step.parquet``, ``rollout.parquet`` and ``vqa.parquet`` (the ``modes`` asked for; a mode without rows
     gets no file) into ``out_dir``.
@@ -192,6 +193,8 @@ def build_rl(
         min_pixels, max_pixels: the policy's image budget (images are resized to that grid as at inference).
         workers, engine, progress: as in :func:`ibisagent.data.sft.build_sft`.
         verl: also write ``verl/step.parquet`` (:func:`verl_rows`).
+        show_points: step rows' refinement turns list the points placed so far
+            (:attr:`ibisagent.env.EnvConfig.show_points`; recorded in ``out_dir/ibisagent.json``).
 
     Returns:
         ``{"rows": {mode: n}, "per_modality": {modality: {mode: n}}, "skipped": n, "empty": {mode: why}}`` (also
@@ -206,7 +209,7 @@ def build_rl(
     entries = read_manifest(manifest)
     options = {"modes": sorted(set(modes)), "tool": tool, "device": device, "iou_stop": iou_stop,
                "max_steps": max_steps, "rule": rule, "prompts": str(prompts) if prompts else None,
-               "min_pixels": min_pixels, "max_pixels": max_pixels}
+               "min_pixels": min_pixels, "max_pixels": max_pixels, "show_points": bool(show_points)}
     report = [{"id": str(e.case_id), "kind": "skipped", "reason": str(e)} for e in entries
               if isinstance(e, CaseError)]
     cases = [e for e in entries if isinstance(e, Case)]
@@ -239,6 +242,7 @@ def build_rl(
     stats = {"rows": counts, "per_modality": dict(sorted(per_modality.items())),
              "skipped": sum(1 for r in report if r["kind"] == "skipped"), "empty": empty}
     atomic_write_text(out / "stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    write_observation(out, options)
     return stats
 
 

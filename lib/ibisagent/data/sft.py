@@ -53,7 +53,14 @@ from ibisagent.data.manifest import Case, CaseError, load_case, read_manifest
 from ibisagent.data.reflect import ReflectiveRatios, Turn
 from ibisagent.data.runner import Engine, prepare_work_dir, run_tasks
 from ibisagent.data.trajectory import TrajectoryRecord, read_trajectories, rle_decode
-from ibisagent.env import EnvConfig, EnvObservation, RecordedSession, SegmentationEnv, absent_targets
+from ibisagent.env import (
+    EnvConfig,
+    EnvObservation,
+    RecordedSession,
+    SegmentationEnv,
+    absent_targets,
+    write_observation,
+)
 from ibisagent.fileio import atomic_write_text
 from ibisagent.imaging import ImageError, load_image, slice_of, to_display_rgb
 from ibisagent.metrics import iou
@@ -113,6 +120,7 @@ class SftOptions:
     teacher: TeacherSpec | None = None
     manifest: str | None = None
     repeat_limit: int = 3
+    show_points: bool = False
 
     def __post_init__(self) -> None:
         if self.history not in ("off", "full"):
@@ -513,7 +521,8 @@ def sft_case(task: dict[str, Any]) -> dict[str, Any]:
             env = SegmentationEnv(rgb, ep.instruction, ep.targets, episode_session, policy_grid=grid,
                                   initial_masks=ep.initial or None,
                                   config=EnvConfig(max_steps=len(ep.turns) + 1, history=options.history,
-                                                   repeat_limit=options.repeat_limit),
+                                                   repeat_limit=options.repeat_limit,
+                                                   show_points=options.show_points),
                                   prompts=ep.prompts)
             played, problem = play(env, ep, writer, rng)
             if problem is not None:
@@ -599,6 +608,7 @@ def build_sft(
     engine: Engine = "local",
     progress: bool = True,
     llamafactory: bool = False,
+    show_points: bool = False,
 ) -> dict[str, Any]:
     """Build the SFT dataset from expert trajectory records (see the module docstring for the layout).
 
@@ -627,6 +637,9 @@ def build_sft(
         engine: ``"local"`` or ``"ray"`` (:mod:`ibisagent.data.runner`).
         progress: show a progress bar.
         llamafactory: also write a LLaMA-Factory export (:func:`export_llamafactory`).
+        show_points: refinement turns list the points placed so far (:attr:`ibisagent.env.EnvConfig.show_points`);
+            recorded in ``out_dir/ibisagent.json`` (:func:`ibisagent.env.write_observation`), which SFT copies into
+            the policy it trains so that inference observes the same way.
 
     Returns:
         The statistics (``stats.json``): totals, per modality, filters, skipped cases, teacher counters.
@@ -644,7 +657,7 @@ def build_sft(
                          instruction_ratio=instruction_ratio, refinement_ratio=refinement_ratio,
                          self_correction=ratios.self_correction, inconsistency=ratios.inconsistency,
                          prompts=str(prompts) if prompts else None, teacher=teacher,
-                         manifest=str(manifest) if manifest else None)
+                         manifest=str(manifest) if manifest else None, show_points=show_points)
     if isinstance(trajectories, (str, os.PathLike)):
         records = list(read_trajectories(trajectories))
     else:
@@ -695,6 +708,7 @@ def _write_dataset(out: Path, parts: Sequence[dict[str, Any]], options: SftOptio
     stats = summarize([p["stats"] for p in parts])
     atomic_write_text(out / "stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
     atomic_write_text(out / "stats.md", format_stats(stats) + "\n")
+    write_observation(out, asdict(options))
     if not meta:
         raise ValueError(f"no SFT rows: all {len(parts)} case(s) were skipped or filtered; the reasons are in "
                          f"{out / 'report.jsonl'}")

@@ -14,6 +14,7 @@ concurrency) can.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,12 @@ class Policy(ABC):
         """The (height, width) this policy wants images resized to (default: unchanged)."""
         return height, width
 
+    def observation_settings(self) -> Mapping[str, Any]:
+        """The environment settings this policy was trained to observe with (fields of
+        :data:`ibisagent.env.OBSERVATION_FIELDS`, e.g. ``{"show_points": True}``); drivers apply them unless told
+        otherwise. Default: none (the environment's defaults)."""
+        return {}
+
     @abstractmethod
     def generate(self, requests: Sequence[PolicyRequest], options: GenerationOptions) -> list[Generation]:
         """One reply per request, in order. Raises ``PolicyError`` for an unreachable or failing backend."""
@@ -101,3 +108,18 @@ class Policy(ABC):
 
 class PolicyError(RuntimeError):
     """A policy backend failed (server down, timeout, out of memory); the message names the backend."""
+
+
+def checkpoint_observation(path: str | os.PathLike[str], name: str) -> dict[str, Any]:
+    """The observation settings a checkpoint folder records (:func:`ibisagent.env.read_observation`; ``{}`` when it
+    records none), for a policy's :meth:`Policy.observation_settings`.
+
+    Raises:
+        PolicyError: the record is malformed (the message names the policy and the file).
+    """
+    from ibisagent.env import read_observation
+
+    try:
+        return read_observation(path)
+    except ValueError as exc:
+        raise PolicyError(f"{name}: {exc}") from exc

@@ -28,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from ibisagent.policies.base import Conversation, Generation, GenerationOptions, Policy, PolicyError, PolicyRequest
+from ibisagent.policies.base import (
+    Conversation,
+    Generation,
+    GenerationOptions,
+    Policy,
+    PolicyError,
+    PolicyRequest,
+    checkpoint_observation,
+)
 
 
 @contextmanager
@@ -79,6 +87,7 @@ class HFPolicy(Policy):
         self.name = f"hf:{path}"
         if not self.path.is_dir():
             raise PolicyError(f"hf policy: model directory {self.path} does not exist")
+        self.observation = checkpoint_observation(self.path, self.name)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -122,6 +131,10 @@ class HFPolicy(Policy):
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ geometry
+
+    def observation_settings(self) -> dict[str, Any]:
+        """What the checkpoint folder records of how it observes (:func:`ibisagent.env.read_observation`)."""
+        return dict(self.observation)
 
     def image_size(self, height: int, width: int) -> tuple[int, int]:
         """The processor's own smart resize: multiples of 28 with ``min_pixels ≤ h·w ≤ max_pixels``."""

@@ -20,7 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ibisagent.policies.base import Generation, GenerationOptions, Policy, PolicyError, PolicyRequest
+from ibisagent.policies.base import (
+    Generation,
+    GenerationOptions,
+    Policy,
+    PolicyError,
+    PolicyRequest,
+    checkpoint_observation,
+)
 from ibisagent.policies.openai import to_openai_messages
 
 #: Raised (as the message of an ImportError) where vLLM is not installed.
@@ -92,6 +99,7 @@ class VLLMPolicy(Policy):
         self.name = f"vllm:{path}"
         if not self.path.is_dir():
             raise PolicyError(f"vllm policy: model directory {self.path} does not exist")
+        self.observation = checkpoint_observation(self.path, self.name)
         lo, hi, self.factor = checkpoint_pixels(self.path)
         self.min_pixels = int(min_pixels) if min_pixels is not None else lo
         self.max_pixels = int(max_pixels) if max_pixels is not None else hi
@@ -114,6 +122,10 @@ class VLLMPolicy(Policy):
             raise PolicyError(f"{self.name}: cannot start the vLLM engine: {exc}") from exc
         self._SamplingParams = vllm.SamplingParams
         self._lock = threading.Lock()  # LLM is not re-entrant; one batch at a time, the batch is the parallelism
+
+    def observation_settings(self) -> dict[str, Any]:
+        """What the checkpoint folder records of how it observes (:func:`ibisagent.env.read_observation`)."""
+        return dict(self.observation)
 
     def image_size(self, height: int, width: int) -> tuple[int, int]:
         """Qwen's smart resize (multiples of 28 within the pixel budget), as vLLM's processor applies it."""

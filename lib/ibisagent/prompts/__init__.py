@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import string
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -23,6 +24,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "refine": frozenset({"instruction"}),
     "refine_multi": frozenset({"instruction", "legend"}),
     "legend_item": frozenset({"colour", "target"}),
+    "points": frozenset({"points"}),
+    "no_points": frozenset(),
     "repair": frozenset({"message"}),
 }
 #: Separator between legend items and between target names in a multi-target prompt.
@@ -42,6 +45,9 @@ class Prompts:
         refine: user turn after each step, shown with the overlay of the current mask; ``{instruction}``.
         refine_multi: the same for several targets; ``{instruction}``, ``{legend}`` (``legend_item`` per target).
         legend_item: one target's colour in the legend; ``{colour}``, ``{target}``.
+        points: the line listing the points placed so far (appended to a refinement turn when the environment lists
+            them, :attr:`ibisagent.env.EnvConfig.show_points`); ``{points}`` (the action lines joined).
+        no_points: that line when no point is placed.
         repair: user turn after malformed output; ``{message}`` is :func:`ibisagent.protocol.repair_message`.
         colour_names: names of the overlay colours in :data:`ibisagent.render.TARGET_COLOURS` order.
     """
@@ -52,6 +58,8 @@ class Prompts:
     refine: str
     refine_multi: str
     legend_item: str
+    points: str
+    no_points: str
     repair: str
     colour_names: tuple[str, ...]
 
@@ -69,6 +77,11 @@ class Prompts:
             )
             return self.refine_multi.format(instruction=instruction, legend=legend)
         return self.refine.format(instruction=instruction)
+
+    def points_line(self, points: Sequence[str]) -> str:
+        """The line listing the points placed so far: ``points`` are action lines
+        (:func:`ibisagent.protocol.format_action`), joined with :data:`LIST_SEPARATOR`."""
+        return self.points.format(points=LIST_SEPARATOR.join(points)) if points else self.no_points
 
     def repair_turn(self, message: str) -> str:
         """Text of the repair user turn; ``message`` from :func:`ibisagent.protocol.repair_message`."""

@@ -109,9 +109,14 @@ def count_lora_layers(model: Any) -> dict[str, int]:
     return counts
 
 
-def save_policy(model: Any, processor: Any, out_dir: str | os.PathLike[str]) -> Path:
-    """Write a plain Hugging Face model directory (LoRA merged into the weights) with the processor and templates;
-    ``hf:out_dir`` loads it."""
+def save_policy(model: Any, processor: Any, out_dir: str | os.PathLike[str],
+                observation: Mapping[str, Any] | None = None) -> Path:
+    """Write a plain Hugging Face model directory (LoRA merged into the weights) with the processor and templates,
+    and how the policy observes (``observation``: :data:`ibisagent.env.OBSERVATION_FIELDS` it was trained with, in
+    :data:`ibisagent.env.OBSERVATION_FILE`; default: the environment's defaults); ``hf:out_dir`` loads it and runs it
+    that way."""
+    from ibisagent.env import write_observation
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
@@ -119,6 +124,7 @@ def save_policy(model: Any, processor: Any, out_dir: str | os.PathLike[str]) -> 
     model.save_pretrained(out)
     apply_templates(processor)
     processor.save_pretrained(out)
+    write_observation(out, observation or {})
     return out
 
 

@@ -31,7 +31,8 @@ from ibisagent.rewards import Episode, Turn, episode_from_env
 
 @dataclass(frozen=True)
 class EnvSettings:
-    """How rollouts are set up: the tool spec, episode settings and the policy's pixel budget."""
+    """How rollouts are set up: the tool spec, episode settings (``show_points``: as the policy being trained was, see
+    :func:`ibisagent.env.read_observation`) and the policy's pixel budget."""
 
     tool: str = "embedded"
     history: str = "full"
@@ -40,6 +41,7 @@ class EnvSettings:
     max_pixels: int = 224 * 224
     factor: int = 28
     prompts: str | None = None
+    show_points: bool = False
 
 
 @functools.lru_cache(maxsize=8)
@@ -90,7 +92,8 @@ def make_env(manifest: str, case_id: str, settings: EnvSettings) -> Any:
         rgb, loaded.case.instruction, names, _tool(settings.tool).encode(rgb),
         policy_grid=policy_grid(rgb.shape[0], rgb.shape[1], settings),
         initial_masks=initial, ground_truth=dict(loaded.targets),
-        config=EnvConfig(max_steps=settings.max_steps, history=settings.history),  # type: ignore[arg-type]
+        config=EnvConfig(max_steps=settings.max_steps, history=settings.history,  # type: ignore[arg-type]
+                         show_points=settings.show_points),
         prompts=load_prompts(settings.prompts) if settings.prompts else None,
     )
 

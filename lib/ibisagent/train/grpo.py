@@ -43,10 +43,15 @@ from ibisagent.train.environment import EnvSettings, factory, make_env, to_conte
 logger = logging.getLogger(__name__)
 
 
-def env_settings(config: GRPORunConfig, processor: Any) -> EnvSettings:
-    """Rollout settings matching the processor's pixel budget (policy grid = what the model is fed)."""
+def env_settings(config: GRPORunConfig, processor: Any, model_path: str | os.PathLike[str]) -> EnvSettings:
+    """Rollout settings matching the processor's pixel budget (policy grid = what the model is fed) and the way the
+    starting policy at ``model_path`` observes (:func:`ibisagent.env.read_observation`: GRPO continues a policy as
+    it was trained, and saves it so)."""
+    from ibisagent.env import read_observation
+
     ip = processor.image_processor
     return EnvSettings(
+        show_points=bool(read_observation(model_path).get("show_points", False)),
         tool=config.tool,
         history="full" if config.mode == "rollout" else "off",
         max_steps=config.max_turns if config.mode == "rollout" else 10**6,
@@ -178,7 +183,7 @@ def make_trainer(config: GRPORunConfig, rows: list[dict[str, Any]], out: Path, m
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    settings = env_settings(config, processor)
+    settings = env_settings(config, processor, model_path)
     model = load_model(model_path, config)
     return GRPOTrainer(
         model=model,
@@ -207,7 +212,8 @@ def run_grpo(
     out.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(config.model)
     processor = load_processor(model_path, config)
-    rows = build_rows(manifest, config.mode, env_settings(config, processor), case_ids, progress)
+    settings = env_settings(config, processor, model_path)
+    rows = build_rows(manifest, config.mode, settings, case_ids, progress)
     if not rows:
         raise ValueError(f"no GRPO rows from {manifest} (no case with a target?)")
     prompts = config.batch_size * config.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
@@ -221,5 +227,5 @@ def run_grpo(
         logger.info("GRPO: resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     log_history(trainer, out, "grpo_log.json")
-    policy = save_policy(trainer.model, processor, out / POLICY)
+    policy = save_policy(trainer.model, processor, out / POLICY, observation={"show_points": settings.show_points})
     return policy, list(trainer.state.log_history)

@@ -9,8 +9,8 @@ their last checkpoint):
    as the budget affords, :data:`CASES_PER_MINUTE`) → ``DIR/augmented``; each target name's click anchor over them
    (:func:`ibisagent.data.manifest.click_anchors`) → ``DIR/anchors.json``; the simulated expert with anchored clicks
    (:data:`ANCHOR_CLICKS`) on the training cases and their variants → ``DIR/trajectories.jsonl``;
-3. **SFT data** with reflective samples (``ibisagent.data.sft.build_sft``, history ``off`` as the product runs) →
-   ``DIR/sft_data``;
+3. **SFT data** with reflective samples (``ibisagent.data.sft.build_sft``, history ``off`` as the product runs,
+   refinement turns listing the points so far, :data:`SHOW_POINTS`) → ``DIR/sft_data``;
 4. **SFT** of a small Qwen2.5-VL built from a config with a tokenizer trained on the fly
    (:func:`ibisagent.policies.tiny.build_tiny_qwen2_5_vl`) → ``DIR/sft/policy``;
 5. **GRPO** in ``rollout`` mode from the SFT policy on the training cases → ``DIR/grpo/policy``;
@@ -70,6 +70,10 @@ FIRST_TURN_REPEATS = 4
 #: Every click: side by side on the real-MRI tuning set, anchoring every click or only the first ones gave first
 #: clicks inside 0.78 vs 0.74 after SFT (before: 0.58), the same mean IoU within noise (docs/TRAINING.md).
 ANCHOR_CLICKS: Literal["first", "all"] = "all"
+#: Refinement turns list the points placed so far (:attr:`ibisagent.env.EnvConfig.show_points`; recorded in the policy,
+#: so ``hf:DIR/policy`` runs with it): with the product's history ``off`` the overlay alone does not tell a small
+#: policy which points it already placed, and it repeated its second click until the episode stopped.
+SHOW_POINTS = True
 #: GRPO: peak learning rate (decayed to 0 over its time), prompts per step (each with GRPO_GENERATIONS rollouts) and
 #: executed actions per rollout. One action: trl's rollout context (the whole interleaved history) equals the
 #: product's default context (history ``off``: system, current picture, prompt) only on the first turn; measured on
@@ -339,7 +343,7 @@ def run_recipe(
     if not (sft_data / "dataset_info.json").is_file():
         build_sft(trajectories, sft_data, history="off", reflective=ReflectiveRatios(0.3, 0.2), seed=seed,
                   manifest=expert_manifest, min_pixels=56 * 56, max_pixels=MAX_PIXELS,
-                  workers=max(1, min(4, os.cpu_count() or 1)), progress=progress)
+                  workers=max(1, min(4, os.cpu_count() or 1)), progress=progress, show_points=SHOW_POINTS)
     base = out / "base"
     if not (base / "config.json").is_file():
         build_tiny_qwen2_5_vl(base, seed=seed, hidden_size=HIDDEN_SIZE, num_layers=NUM_LAYERS, max_pixels=MAX_PIXELS,
@@ -399,7 +403,8 @@ def run_recipe(
                    **{k: round(v, 1) for k, v in timings.items()}},
         "model": {"hidden_size": HIDDEN_SIZE, "num_layers": NUM_LAYERS, "vision_hidden_size": VISION_HIDDEN_SIZE,
                   "max_pixels": MAX_PIXELS},
-        "data": {"anchors": anchors, "anchor_clicks": ANCHOR_CLICKS, "variants_per_case": variants,
+        "data": {"anchors": anchors, "anchor_clicks": ANCHOR_CLICKS, "show_points": SHOW_POINTS,
+                 "variants_per_case": variants,
                  "augmented_cases": _count_lines(augmented), "trajectories": _count_lines(trajectories)},
         "sft": {"steps": max((h.get("step", 0) for h in sft_log), default=0),
                 "first_loss": next((h["loss"] for h in sft_log if "loss" in h), None),

@@ -74,12 +74,16 @@ def run(mode: str, model_dir: Path, base: str, *, corrections: Sequence[Path] = 
     if mode == "sft":
         from ibisagent.data.sft import build_sft
         from ibisagent.data.trajectory import read_trajectories
+        from ibisagent.env import read_observation
         from ibisagent.train.sft import run_sft
 
         records = [r for path in corrections if path.is_file() for r in read_trajectories(path)]
         if not records:
             raise ValueError(f"no trajectories to train on in {[str(p) for p in corrections]}")
-        build_sft(records, out / "sft_data", history="off", progress=False)
+        # the corrections are shown the way the policy being fine-tuned observes (e.g. the bundled one lists points)
+        observed = read_observation(overrides["model"]) if Path(overrides["model"]).is_dir() else {}
+        build_sft(records, out / "sft_data", history="off", progress=False,
+                  show_points=bool(observed.get("show_points", False)))
         policy = run_sft(load_config(SFTRunConfig, config, overrides), out / "sft_data", out).policy
     elif mode == "grpo":
         from ibisagent.train.grpo import run_grpo

@@ -179,6 +179,8 @@ def run_sft(
     ``out_dir/checkpoints`` when ``resume``. Raises ``ValueError`` when no row is trainable."""
     from trl import SFTConfig, SFTTrainer
 
+    from ibisagent.env import read_observation
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(config.model)
@@ -222,7 +224,7 @@ def run_sft(
         logger.info("SFT: resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     log_history(trainer, out, "sft_log.json")
-    policy = save_policy(trainer.model, processor, out / POLICY)
+    policy = save_policy(trainer.model, processor, out / POLICY, observation=read_observation(data_dir))
     steps = int(trainer.state.global_step)
     return SFTResult(policy=policy, rows=len(set(keep)), skipped=tuple(skipped),
                      log_history=list(trainer.state.log_history),
