@@ -19,7 +19,7 @@ pytest.importorskip("trl")
 
 @pytest.mark.slow
 def test_train_tiny_writes_a_policy_and_a_report_and_a_restart_keeps_the_recorded_budget(tmp_path):
-    manifest = write_manifest(tmp_path / "data", cases=6)
+    manifest = write_manifest(tmp_path / "data", cases=10)
     out = tmp_path / "run"
     command = [sys.executable, "-m", "ibisagent.cli", "train", "tiny", str(manifest), "--out", str(out),
                "--minutes", "1"]
@@ -28,6 +28,14 @@ def test_train_tiny_writes_a_policy_and_a_report_and_a_restart_keeps_the_recorde
     report = json.loads((out / "report.json").read_text())
     split = json.loads((out / "split.json").read_text())
     assert split["by"] == "image" and split["test"] and not set(split["test"]) & set(split["train"])
+    # a share of the training images validates the choice of the stage shipped; the test never chooses
+    assert split["validation"] and not set(split["validation"]) & (set(split["train"]) | set(split["test"]))
+    selected = report["selected"]
+    rewards = selected["validation_reward"]
+    assert selected["validation_cases"] == len(split["validation"]) and set(rewards) == {"sft", "grpo"}
+    assert selected["stage"] == max(rewards, key=lambda stage: (rewards[stage], stage == "grpo"))
+    shipped = (out / selected["stage"] / "policy" / "model.safetensors").read_bytes()
+    assert (out / "policy" / "model.safetensors").read_bytes() == shipped
     for stage in ("after_sft", "after_grpo"):
         # every held-out case is evaluated: scored, or counted as the agent's error (a minute of training on a busy
         # machine may not yet teach the format, and eval records such a case as an error rather than a score)

@@ -74,13 +74,14 @@ def write_sft_dataset(out: Path, rows: int = 4, size: int = 56, bad_rows: bool =
 
 
 def write_manifest(out: Path, cases: int = 2, size: int = 56, absent: bool = True) -> Path:
-    """A manifest of ``cases`` PNG images with a bright square and its mask (plus one absent-target case)."""
+    """A manifest of ``cases`` PNG images with a bright square and its mask (plus one absent-target case); the
+    squares move along a row, then down to the next one (five per row)."""
     import json
 
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(cases):
-        cx, cy = 16 + 8 * i, 28
+        cx, cy = 16 + 8 * (i % 5), 28 + 8 * (i // 5)
         image = square_image(size, cx, cy, seed=i)
         image.save(out / f"img{i}.png")
         mask = np.zeros((size, size), np.uint8)

@@ -3,8 +3,9 @@
 Stages (each skipped when its output exists, so a killed run started again resumes; SFT and GRPO also resume from
 their last checkpoint):
 
-1. **split** by image: a share of the distinct images is held out (never trained on) → ``DIR/train.jsonl``,
-   ``DIR/test.jsonl``, ``DIR/split.json``;
+1. **split** by image: a share of the distinct images is held out (never trained on) → ``DIR/test.jsonl``; of the
+   rest a share is set aside for validation (:data:`VALIDATION`) → ``DIR/validation.jsonl``; the others (and any
+   ``extra`` manifests) are trained on → ``DIR/train.jsonl``; the split → ``DIR/split.json``;
 2. **augmentation and trajectories**: random variants of the training cases (:mod:`ibisagent.data.augment`; as many
    as the budget affords, :data:`CASES_PER_MINUTE`) → ``DIR/augmented``; each target name's click anchor over them
    (:func:`ibisagent.data.manifest.click_anchors`) → ``DIR/anchors.json``; the simulated expert with anchored clicks
@@ -14,7 +15,8 @@ their last checkpoint):
 4. **SFT** of a small Qwen2.5-VL built from a config with a tokenizer trained on the fly
    (:func:`ibisagent.policies.tiny.build_tiny_qwen2_5_vl`) → ``DIR/sft/policy``;
 5. **GRPO** in ``rollout`` mode from the SFT policy on the training cases → ``DIR/grpo/policy``;
-6. **evaluation** on the held-out cases after SFT and after GRPO (``ibisagent eval``, with the policy metrics), beside
+6. **selection** of the stage to ship by the mean reward on the validation cases (:func:`select_stage`), and
+   **evaluation** on the held-out cases after SFT and after GRPO (``ibisagent eval``, with the policy metrics), beside
    an **image-blind baseline**: each target name's mean first click over the training trajectories, the same for
    every image (a policy that beats it uses the image).
 
@@ -49,6 +51,10 @@ SFT_SHARE = 0.8
 EVAL_RESERVE = 0.12
 #: Share of distinct images held out for evaluation.
 HOLDOUT = 0.2
+#: Share of the remaining (training) images set aside for *validation*: the recipe ships the stage — the policy after
+#: SFT or after GRPO — with the higher mean reward on them (a few CPU minutes of GRPO do not always improve on SFT,
+#: and the held-out test must not choose). 0: no validation, the GRPO stage is shipped.
+VALIDATION = 0.1
 #: Training cases (originals and augmented variants) simulated per minute of budget, and the most variants per case:
 #: a tiny policy trained on a few dozen images learns their click positions instead of reading the image.
 CASES_PER_MINUTE = 30
@@ -70,6 +76,8 @@ FIRST_TURN_REPEATS = 4
 #: Every click: side by side on the real-MRI tuning set, anchoring every click or only the first ones gave first
 #: clicks inside 0.78 vs 0.74 after SFT (before: 0.58), the same mean IoU within noise (docs/TRAINING.md).
 ANCHOR_CLICKS: Literal["first", "all"] = "all"
+#: The simulated expert's click budget per target (:func:`ibisagent.evaluate.run_oracle`'s ``max_steps``).
+EXPERT_MAX_CLICKS = 20
 #: Refinement turns list the points placed so far (:attr:`ibisagent.env.EnvConfig.show_points`; recorded in the policy,
 #: so ``hf:DIR/policy`` runs with it): with the product's history ``off`` the overlay alone does not tell a small
 #: policy which points it already placed, and it repeated its second click until the episode stopped.
@@ -246,6 +254,26 @@ def evaluate_policy(policy_dir: Path, test_manifest: Path, out: Path, tool_spec:
     return overall
 
 
+def select_stage(policies: dict[str, Path], validation: Path | None, out: Path, tool_spec: str = "embedded",
+                 progress: bool = True) -> dict[str, Any]:
+    """The stage to ship: of ``policies`` (``"sft"``, ``"grpo"`` → policy folder) the one with the higher mean reward
+    on the ``validation`` manifest (evaluated into ``out/val_<stage>``; a tie keeps GRPO); GRPO without validation.
+
+    Returns:
+        ``{"stage": name, "validation_reward": {stage: mean reward}, "validation_cases": n}``.
+    """
+    if validation is None:
+        return {"stage": "grpo", "validation_reward": {}, "validation_cases": 0}
+    rewards, cases = {}, 0
+    for stage, policy in policies.items():
+        summary = evaluate_policy(policy, validation, out / f"val_{stage}", tool_spec, progress=progress)
+        rewards[stage] = summary.get("reward")
+        cases = int(summary.get("samples", 0)) + int(summary.get("errors", 0))
+    best = max(rewards, key=lambda stage: (rewards[stage] if rewards[stage] is not None else float("-inf"),
+                                           stage == "grpo"))
+    return {"stage": best, "validation_reward": rewards, "validation_cases": cases}
+
+
 def _plot_curves(sft_log: list[dict[str, Any]], grpo_log: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -313,12 +341,18 @@ def run_recipe(
     # 1. split by image
     lines = _resolved_lines(Path(manifest))
     train_ids, test_ids = split_by_image(lines, HOLDOUT, seed)
+    val_ids: list[str] = []
+    train_side = [line for line in lines if line["id"] in set(train_ids)]
+    if round(VALIDATION * len({(line["image"], line.get("slice")) for line in train_side})) >= 1:
+        train_ids, val_ids = split_by_image(train_side, VALIDATION, seed + 1)
     extra_lines = [line for m in extra for line in _resolved_lines(Path(m))]
     train_lines = [line for line in lines if line["id"] in set(train_ids)] + extra_lines
     train_manifest = _write_lines(out / "train.jsonl", train_lines)
     test_manifest = _write_lines(out / "test.jsonl", [line for line in lines if line["id"] in set(test_ids)])
+    val_manifest = _write_lines(out / "validation.jsonl", [line for line in lines if line["id"] in set(val_ids)])
     (out / "split.json").write_text(json.dumps({"train": train_ids, "extra": [x["id"] for x in extra_lines],
-                                                "test": test_ids, "by": "image", "holdout": HOLDOUT, "seed": seed},
+                                                "validation": val_ids, "test": test_ids, "by": "image",
+                                                "holdout": HOLDOUT, "validation_share": VALIDATION, "seed": seed},
                                                indent=1), encoding="utf-8")
 
     # 2. augmentation and expert trajectories, 3. SFT data
@@ -337,7 +371,7 @@ def run_recipe(
         from ibisagent.tools import load_tool
 
         records, _ = run_oracle(expert_manifest, load_tool(tool), progress=progress, anchors=anchors,
-                                anchor_clicks=ANCHOR_CLICKS)
+                                anchor_clicks=ANCHOR_CLICKS, max_steps=EXPERT_MAX_CLICKS)
         write_trajectories(trajectories, records)
     sft_data = out / "sft_data"
     if not (sft_data / "dataset_info.json").is_file():
@@ -389,15 +423,18 @@ def run_recipe(
         report["after_sft"] = evaluate_policy(sft_policy, test_manifest, out / "eval_sft", tool, progress=progress)
         report["after_grpo"] = evaluate_policy(grpo_policy, test_manifest, out / "eval_grpo", tool,
                                                progress=progress)
+    selected = select_stage({"sft": sft_policy, "grpo": grpo_policy}, val_manifest if val_ids else None, out, tool,
+                            progress)
     timings["eval_s"] = time.monotonic() - t0
     final = out / "policy"
     if final.exists():
         shutil.rmtree(final)
-    shutil.copytree(grpo_policy, final)
+    shutil.copytree(sft_policy if selected["stage"] == "sft" else grpo_policy, final)
     _plot_curves(sft_log, grpo_log, out / "curves.png")
     timings["total_s"] = time.monotonic() - start
     report.update({
         "policy": str(final),
+        "selected": selected,
         "budget": {"minutes": minutes, "sft_share": SFT_SHARE, "eval_reserve": EVAL_RESERVE,
                    "sft_budget_s": round(sft_seconds, 1), "grpo_budget_s": round(grpo_seconds, 1),
                    **{k: round(v, 1) for k, v in timings.items()}},
