@@ -81,9 +81,8 @@ def run(mode: str, model_dir: Path, base: str, *, corrections: Sequence[Path] = 
         if not records:
             raise ValueError(f"no trajectories to train on in {[str(p) for p in corrections]}")
         # the corrections are shown the way the policy being fine-tuned observes (e.g. the bundled one lists points)
-        observed = read_observation(overrides["model"]) if Path(overrides["model"]).is_dir() else {}
         build_sft(records, out / "sft_data", history="off", progress=False,
-                  show_points=bool(observed.get("show_points", False)))
+                  show_points=bool(read_observation(overrides["model"]).get("show_points", False)))
         policy = run_sft(load_config(SFTRunConfig, config, overrides), out / "sft_data", out).policy
     elif mode == "grpo":
         from ibisagent.train.grpo import run_grpo
