@@ -169,6 +169,26 @@ def test_an_anchored_expert_clicks_near_the_anchor(session: ImageSession, anchor
     assert clicks[1] == second
 
 
+def test_an_expert_with_anchor_modes_clicks_at_the_anchor_of_the_mode_the_image_is_nearest(
+        session: ImageSession) -> None:
+    from ibisagent.clicks import AnchorMode, image_layout
+
+    # two appearance modes: this image's (anchor at the disc's upper left) and its negative's (anchor lower right)
+    here = AnchorMode(anchor=(0.2, 0.15), prototype=image_layout(IMAGE))
+    other = AnchorMode(anchor=(0.95, 0.85), prototype=image_layout(255 - IMAGE))
+    policy = OraclePolicy({"disc": DISC}, anchors={"disc": [other, here]}, iou_stop=0.99)
+    first = run(policy, session, config=AgentConfig(max_steps=1)).steps[0].clicks[0].click
+    clicks = {}
+    for mode in (here, other):
+        anchored = OraclePolicy({"disc": DISC}, anchors={"disc": mode.anchor}, iou_stop=0.99)
+        clicks[mode.anchor] = run(anchored, session, config=AgentConfig(max_steps=1)).steps[0].clicks[0].click
+    # the same click as an expert given this image's mode's anchor alone, not the other's
+    assert first == clicks[here.anchor] != clicks[other.anchor]
+    assert DISC[first.y, first.x]
+    with pytest.raises(ValueError, match="anchor of 'disc'"):
+        OraclePolicy({"disc": DISC}, anchors={"disc": [1, 2, 3]})  # type: ignore[dict-item]
+
+
 def test_absent_target_answers_not_present_with_an_empty_mask(session: ImageSession) -> None:
     traj = run(OraclePolicy({"tumour": None}), session, "tumour")
     assert traj.stop_reason == "terminate" and traj.answer == "not present"

@@ -123,6 +123,11 @@ def test_simulate_anchors_the_first_clicks_where_another_manifest_has_the_target
     assert (first_plain.px - 50) ** 2 + (first_plain.py - 40) ** 2 <= 2  # the disc's deepest point: its centre
     assert (first.px - 50) ** 2 + (first.py - 40) ** 2 < 20**2  # still inside the disc
     assert np.hypot(first.px - 35, first.py - 27) < np.hypot(first_plain.px - 35, first_plain.py - 27) - 8
+    # layout modes: one kind of mask is one mode, whose anchor is the same
+    moded = tmp_path / "moded.jsonl"
+    assert main(["simulate", str(small_manifest), "--out", str(moded), "--no-progress",
+                 "--anchor-from", str(anchors_from), "--anchor-modes", "4"]) == 1
+    assert next(read_trajectories(moded)).steps[0].clicks[0] == first
 
 
 def test_eval_runs_the_agent_with_an_mllm_policy(small_manifest: Path, tmp_path: Path,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,10 +13,13 @@ from scipy import ndimage
 
 from ibisagent.clicks import (
     ANCHOR_DEPTH,
+    AnchorMode,
     Click,
+    anchor_modes,
     click_anchor,
     distance_transform,
     error_regions,
+    nearest_mode,
     next_click,
     number_of_clicks,
     padded_distance,
@@ -153,3 +158,68 @@ def test_click_anchor_is_where_the_masks_overlap_most() -> None:
     assert anchor is not None
     assert anchor[0] == pytest.approx(0.25, abs=0.05) and anchor[1] == pytest.approx(0.7, abs=0.05)
     assert click_anchor([np.zeros((10, 10), dtype=bool)]) is None
+
+
+def _views(kind: str, n: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``n`` 100 x 100 (image, mask) pairs of one kind of view: an upper-left arc ("axial") or a lower-right bar
+    ("coronal"), jittered a little; each kind has its own background, and the brightness varies."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:100, :100]
+    images, masks = [], []
+    for _ in range(n):
+        dx, dy = rng.integers(-3, 4, size=2)
+        if kind == "axial":
+            r = np.hypot(xx - 30 - dx, yy - 30 - dy)
+            mask, background = (r > 14) & (r < 22) & (yy < 40 + dy), xx / 100.0
+        else:
+            mask, background = (xx > 55 + dx) & (xx < 90 + dx) & (yy > 70 + dy) & (yy < 80 + dy), yy / 100.0
+        gain = rng.uniform(0.7, 1.2)
+        images.append(np.clip(gain * (40 + 80 * background + 100 * mask) + rng.normal(0, 5, mask.shape), 0, 255))
+        masks.append(mask)
+    return images, masks
+
+
+def test_anchor_modes_give_each_kind_of_image_an_anchor_inside_its_masks() -> None:
+    (axial_images, axial), (coronal_images, coronal) = _views("axial", 30, 0), _views("coronal", 30, 1)
+    images = axial_images + coronal_images + [np.zeros((100, 100))]
+    masks = axial + coronal + [np.zeros((100, 100), dtype=bool)]  # an absent target does not count
+    groups = [f"a{i // 3}" for i in range(30)] + [f"c{i // 3}" for i in range(30)] + ["none"]
+    one = click_anchor(masks)
+    assert one is not None
+    # a single anchor for both kinds is inside at most one kind's masks
+    assert np.mean([m[int(one[1] * 100), int(one[0] * 100)] for m in masks[:-1]]) <= 0.5
+    modes = anchor_modes(images, masks, groups)
+    assert len(modes) == 2
+    # the mode is told by the image alone, and its anchor is (next to) the target of that image
+    for image, mask in zip(axial_images + coronal_images, axial + coronal):
+        x, y = nearest_mode(modes, image).anchor
+        assert mask[max(0, int(y * 100) - 2):int(y * 100) + 3, max(0, int(x * 100) - 2):int(x * 100) + 3].any()
+    assert nearest_mode(modes, axial_images[0]) is not nearest_mode(modes, coronal_images[0])
+    # an RGB picture of the same view finds the same mode
+    rgb = np.repeat(axial_images[0][..., None], 3, axis=2)
+    assert nearest_mode(modes, rgb) is nearest_mode(modes, axial_images[0])
+    # one kind of image: one mode, at click_anchor's point; max_modes=1 likewise
+    single = anchor_modes(axial_images, axial, [f"a{i // 3}" for i in range(30)])
+    assert len(single) == 1 and single[0].anchor == click_anchor(axial)
+    assert len(anchor_modes(images, masks, groups, max_modes=1)) == 1
+    assert anchor_modes([np.zeros((8, 8))], [np.zeros((8, 8), dtype=bool)]) == []
+    with pytest.raises(ValueError, match="groups"):
+        anchor_modes(axial_images, axial, ["x"])
+    with pytest.raises(ValueError, match="images for"):
+        anchor_modes(axial_images[:2], axial)
+    with pytest.raises(ValueError, match="max_modes"):
+        anchor_modes(axial_images, axial, max_modes=0)
+
+
+def test_anchor_modes_round_trip_through_json_and_refuse_malformed_entries() -> None:
+    (axial_images, axial), (coronal_images, coronal) = _views("axial", 30, 0), _views("coronal", 30, 1)
+    modes = anchor_modes(axial_images + coronal_images, axial + coronal)
+    back = [AnchorMode.from_json(json.loads(json.dumps(m.to_json()))) for m in modes]
+    for a, b in zip(modes, back):
+        assert a.anchor == pytest.approx(b.anchor)
+        np.testing.assert_allclose(a.prototype, b.prototype, atol=1e-4)
+    for bad in ({"anchor": [0.5]}, {"prototype": [[0.0]]}, {"anchor": [0.1, 0.2], "prototype": [0.0, 1.0]}, 3):
+        with pytest.raises(ValueError):
+            AnchorMode.from_json(bad)
+    with pytest.raises(ValueError, match="no anchor modes"):
+        nearest_mode([], np.ones((4, 4)))

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from ibisagent.env import read_observation
+from ibisagent.train.recipe import ANCHOR_MODES
 from train_data import write_manifest
 
 pytest.importorskip("trl")
@@ -48,6 +49,10 @@ def test_train_tiny_writes_a_policy_and_a_report_and_a_restart_keeps_the_recorde
     # beside the mean-click baseline, the blind click at each anchor (what a policy that ignores the image learns)
     assert report["baseline_image_blind"]["anchor"]["targets"] == report["baseline_image_blind"]["targets"]
     assert all(0.0 <= v <= 1.0 for xy in anchors.values() for v in xy)
+    # and each name's layout modes, the anchor of the nearest one taken by the expert
+    modes = json.loads((out / "anchor_modes.json").read_text())
+    assert set(modes) == set(anchors) and all(1 <= len(found) <= ANCHOR_MODES for found in modes.values())
+    assert report["data"]["anchor_modes"] == {name: [m["anchor"] for m in found] for name, found in modes.items()}
     assert report["sft"]["steps"] > 0 and report["sft"]["last_loss"] < report["sft"]["first_loss"]
     assert report["grpo"]["steps"] > 0
     assert (out / "curves.png").stat().st_size > 0 and (out / "policy" / "config.json").is_file()

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "masks (e.g. the training manifest itself; what `train tiny` does); default: the deepest point")
     p.add_argument("--anchor-clicks", choices=("first", "all"), default="first",
                    help="with --anchor-from: anchor each target's first click only (default) or every click")
+    p.add_argument("--anchor-modes", type=int, choices=range(1, 9), default=1, metavar="N",
+                   help="with --anchor-from: up to N appearance modes per target, each with its own anchor, the number "
+                   "chosen by cross-validation (what `train tiny` does); the expert takes the anchor of the mode "
+                   "the image is nearest (default: 1, one anchor per target)")
     _add_loop_options(p)
 
     p = sub.add_parser("eval", help="evaluate a policy + tool on a manifest (results.json, results.md, plots)")
@@ -226,9 +230,10 @@ def _run_oracle(args: argparse.Namespace):  # noqa: ANN202
     tool = _load_tool(args.tool, args.device)
     anchors = None
     if getattr(args, "anchor_from", None):
-        from ibisagent.data.manifest import click_anchors
+        from ibisagent.data.manifest import click_anchor_modes, click_anchors
 
-        anchors = click_anchors(args.anchor_from)
+        anchors = (click_anchors(args.anchor_from) if args.anchor_modes == 1
+                   else click_anchor_modes(args.anchor_from, args.anchor_modes))
     return run_oracle(args.manifest, tool, iou_stop=args.iou_stop, max_steps=args.max_clicks, rule=args.rule,
                       progress=not args.no_progress, anchors=anchors,
                       anchor_clicks=getattr(args, "anchor_clicks", "first"))

@@ -19,9 +19,9 @@ Coordinates are pixels, named ``x`` (column) and ``y`` (row) everywhere; arrays 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import cv2
 import numpy as np
@@ -35,6 +35,15 @@ ErrorRule = Literal["peak", "area"]
 
 #: Anchored clicks go to pixels at least this share of the chosen region's peak depth from its edge.
 ANCHOR_DEPTH = 0.5
+#: Grids: an image's thumbnail (:func:`image_layout`, what :func:`anchor_modes` clusters and :func:`nearest_mode`
+#: compares) and a mask's occupancy, on which anchors are found (:func:`click_anchor`).
+LAYOUT_GRID = 16
+ANCHOR_GRID = 64
+#: :func:`anchor_modes`: the most appearance modes per target, the fewest masks per mode on each side of the
+#: cross-validation, and the held-out gain a larger number of modes must bring.
+MAX_ANCHOR_MODES = 4
+MIN_MASKS_PER_MODE = 10
+MODE_GAIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -186,19 +195,156 @@ def click_anchor(masks: Iterable[np.ndarray], grid: int = 64, sigma: float = 1.5
     Returns:
         ``(x, y)`` relative, or ``None`` when no mask has a pixel.
     """
-    total = np.zeros((grid, grid), dtype=np.float64)
-    count = 0
-    for mask in masks:
-        mask = _as_bool_mask(mask, "mask")
-        if not mask.any():
-            continue
-        total += cv2.resize(mask.astype(np.float32), (grid, grid), interpolation=cv2.INTER_AREA)
-        count += 1
-    if count == 0:
-        return None
-    smooth = cv2.GaussianBlur(total / count, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
+    found = [mask_layout(m, grid) for m in masks if _as_bool_mask(m, "mask").any()]
+    return _occupancy_peak(found, sigma) if found else None
+
+
+def mask_layout(mask: np.ndarray, grid: int = ANCHOR_GRID) -> np.ndarray:
+    """(grid, grid) float32 occupancy of a (H, W) mask: the share of each cell's pixels inside (area averaging)."""
+    return cv2.resize(_as_bool_mask(mask, "mask").astype(np.float32), (grid, grid), interpolation=cv2.INTER_AREA)
+
+
+def image_layout(image: np.ndarray, grid: int = LAYOUT_GRID) -> np.ndarray:
+    """(grid, grid) float32 thumbnail of an (H, W) grey or (H, W, 3) RGB image: the grey level area-averaged, then
+    standardised (zero mean, unit variance), so that a brighter or darker acquisition of the same view looks alike."""
+    grey = np.asarray(image, dtype=np.float32)
+    if grey.ndim == 3:
+        grey = grey.mean(axis=2)
+    if grey.ndim != 2:
+        raise ValueError(f"image must be (H, W) or (H, W, C), got shape {np.shape(image)}")
+    thumb = cv2.resize(grey, (grid, grid), interpolation=cv2.INTER_AREA)
+    return (thumb - thumb.mean()) / max(float(thumb.std()), 1e-6)
+
+
+def _occupancy_peak(occupancies: Sequence[np.ndarray], sigma: float = 1.5) -> tuple[float, float]:
+    """Relative ``(x, y)`` centre of the cell where the mean of (G, G) occupancies, Gaussian-smoothed, peaks."""
+    mean = np.mean(np.stack(occupancies), axis=0, dtype=np.float64)
+    smooth = cv2.GaussianBlur(mean, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
     y, x = np.unravel_index(int(np.argmax(smooth)), smooth.shape)
+    grid = mean.shape[0]
     return (x + 0.5) / grid, (y + 0.5) / grid
+
+
+@dataclass(frozen=True)
+class AnchorMode:
+    """One appearance mode of a target's images over a training set (:func:`anchor_modes`): ``prototype``, the
+    (LAYOUT_GRID, LAYOUT_GRID) mean :func:`image_layout` of its images, and ``anchor``, relative ``(x, y)`` where
+    the target is most often found in them."""
+
+    anchor: tuple[float, float]
+    prototype: np.ndarray
+
+    def to_json(self) -> dict[str, Any]:
+        return {"anchor": [float(v) for v in self.anchor], "prototype": np.round(self.prototype, 4).tolist()}
+
+    @classmethod
+    def from_json(cls, value: Any) -> AnchorMode:
+        """Read :meth:`to_json`'s form; ``ValueError`` naming what is wrong otherwise."""
+        try:
+            x, y = (float(v) for v in value["anchor"])
+            prototype = np.asarray(value["prototype"], dtype=np.float32)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not an anchor mode (expected anchor [x, y] and a square prototype): {exc}") from exc
+        if prototype.ndim != 2 or prototype.shape[0] != prototype.shape[1]:
+            raise ValueError(f"anchor mode prototype must be square, got shape {prototype.shape}")
+        return cls(anchor=(x, y), prototype=prototype)
+
+
+#: An expert click anchor of one target: relative ``(x, y)`` (:func:`click_anchor`) or its appearance modes
+#: (:func:`anchor_modes`).
+Anchor = tuple[float, float] | Sequence[AnchorMode]
+
+
+def nearest_mode(modes: Sequence[AnchorMode], image: np.ndarray) -> AnchorMode:
+    """The mode whose prototype is nearest (squared difference) to ``image``'s :func:`image_layout`; ``ValueError``
+    when there is none."""
+    if not modes:
+        raise ValueError("no anchor modes to choose from")
+    layout = image_layout(image, modes[0].prototype.shape[0])
+    return min(modes, key=lambda m: float(((m.prototype - layout) ** 2).sum()))
+
+
+def anchor_modes(images: Iterable[np.ndarray], masks: Iterable[np.ndarray], groups: Iterable[Hashable] | None = None,
+                 max_modes: int = MAX_ANCHOR_MODES, seed: int = 0) -> list[AnchorMode]:
+    """A target's appearance modes over a training set, each with its own click anchor.
+
+    One anchor per target name (:func:`click_anchor`) is where the target is found most often *over all images*,
+    which a policy learns without looking at the image. Where a target lies differently in different kinds of image
+    (the cortex ribbon in axial, coronal and sagittal slices; the CSF in one scanner's field of view or another's) no
+    single point is inside often. The images are grouped by their look (:func:`image_layout`; k-means,
+    scikit-learn's ``KMeans``) into ``k`` modes, each with the anchor of its own masks; the simulated expert's
+    anchored click (:class:`~ibisagent.policies.oracle.OraclePolicy`) takes the anchor of the mode the image is
+    nearest (:func:`nearest_mode`), so a policy imitating it must tell the kinds of image apart. ``k`` (1 to
+    ``max_modes``) is chosen by two-fold cross-validation over ``groups``: on the held-out fold, the share of masks
+    containing the anchor of their image's nearest mode; the smallest ``k`` within :data:`MODE_GAIN` of the best.
+
+    Args:
+        images: (H, W) or (H, W, 3) images, one per mask (the picture the policy sees).
+        masks: (H, W) bool masks of one target name; empty ones (absent targets) are ignored.
+        groups: one key per mask (the source image: augmented variants of a case belong to its group), so that
+            near-copies never sit on both sides of the cross-validation; default: every mask its own group.
+        max_modes: the most modes (≥ 1).
+        seed: k-means and fold seed.
+
+    Returns:
+        The modes (none when no mask has a pixel).
+    """
+    images, masks = list(images), list(masks)
+    if len(images) != len(masks):
+        raise ValueError(f"{len(images)} images for {len(masks)} masks")
+    keys = list(groups) if groups is not None else list(range(len(masks)))
+    if len(keys) != len(masks):
+        raise ValueError(f"groups has {len(keys)} keys for {len(masks)} masks")
+    kept = [(image_layout(i), mask_layout(m), k) for i, m, k in zip(images, masks, keys)
+            if _as_bool_mask(m, "mask").any()]
+    return anchor_modes_from_layouts([k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept],
+                                     max_modes, seed)
+
+
+def anchor_modes_from_layouts(thumbs: Sequence[np.ndarray], occupancies: Sequence[np.ndarray],
+                              groups: Sequence[Hashable], max_modes: int = MAX_ANCHOR_MODES,
+                              seed: int = 0) -> list[AnchorMode]:
+    """:func:`anchor_modes` on precomputed layouts: (G, G) :func:`image_layout` thumbnails and (A, A)
+    :func:`mask_layout` occupancies of non-empty masks, one group key each (what a manifest scan keeps in memory
+    instead of the images)."""
+    if max_modes < 1:
+        raise ValueError(f"max_modes must be at least 1, got {max_modes}")
+    if not len(thumbs) == len(occupancies) == len(groups):
+        raise ValueError(f"{len(thumbs)} thumbnails, {len(occupancies)} occupancies and {len(groups)} groups")
+    if not thumbs:
+        return []
+    layouts, fine = np.stack(thumbs), np.stack(occupancies)
+    names = sorted(set(groups), key=repr)
+    order = np.random.default_rng(seed).permutation(len(names))
+    fold_of = {names[i]: n % 2 for n, i in enumerate(order)}
+    fold = np.array([fold_of[g] for g in groups])
+    scores: dict[int, float] = {}
+    for k in range(1, max_modes + 1):
+        if min((fold == 0).sum(), (fold == 1).sum()) < k * MIN_MASKS_PER_MODE:
+            break
+        hits = []
+        for held in (0, 1):
+            modes = _fit_modes(layouts[fold != held], fine[fold != held], k, seed)
+            for layout, occupancy in zip(layouts[fold == held], fine[fold == held]):
+                x, y = min(modes, key=lambda m: float(((m.prototype - layout) ** 2).sum())).anchor
+                grid = occupancy.shape[0]
+                hits.append(occupancy[min(int(y * grid), grid - 1), min(int(x * grid), grid - 1)] >= 0.5)
+        scores[k] = float(np.mean(hits))
+    best = max(scores.values(), default=0.0)
+    chosen = min((k for k, v in scores.items() if v >= best - MODE_GAIN), default=1)
+    return _fit_modes(layouts, fine, chosen, seed)
+
+
+def _fit_modes(layouts: np.ndarray, fine: np.ndarray, k: int, seed: int) -> list[AnchorMode]:
+    """``k`` modes by k-means on the (N, G, G) thumbnails; each mode's anchor from its (N, A, A) occupancies."""
+    if k == 1:
+        labels = np.zeros(len(layouts), dtype=int)
+    else:
+        from sklearn.cluster import KMeans
+
+        labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(layouts.reshape(len(layouts), -1)).labels_
+    return [AnchorMode(anchor=_occupancy_peak(list(fine[labels == c])), prototype=layouts[labels == c].mean(axis=0))
+            for c in range(k) if (labels == c).any()]
 
 
 def _central_peak(dist: np.ndarray) -> tuple[int, int]:

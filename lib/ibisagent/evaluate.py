@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from ibisagent.clicks import DEFAULT_IOU_STOP, DEFAULT_MAX_CLICKS, ErrorRule, number_of_clicks
+from ibisagent.clicks import DEFAULT_IOU_STOP, DEFAULT_MAX_CLICKS, Anchor, ErrorRule, number_of_clicks
 from ibisagent.data.manifest import CaseError, LoadedCase, load_case, read_manifest
 from ibisagent.data.trajectory import TrajectoryRecord
 from ibisagent.fileio import atomic_write_text
@@ -112,7 +112,7 @@ def simulate_case(
     max_steps: int = DEFAULT_MAX_CLICKS,
     rule: ErrorRule = "peak",
     prompts: Prompts | None = None,
-    anchors: Mapping[str, tuple[float, float]] | None = None,
+    anchors: Mapping[str, Anchor] | None = None,
     anchor_clicks: Literal["first", "all"] = "first",
 ) -> tuple[list[TrajectoryRecord], CaseResult]:
     """The simulated expert on one loaded case: the oracle policy (:class:`ibisagent.policies.oracle.OraclePolicy`)
@@ -166,7 +166,7 @@ def run_oracle(
     max_steps: int = DEFAULT_MAX_CLICKS,
     rule: ErrorRule = "peak",
     progress: bool = True,
-    anchors: Mapping[str, tuple[float, float]] | None = None,
+    anchors: Mapping[str, Anchor] | None = None,
     anchor_clicks: Literal["first", "all"] = "first",
 ) -> tuple[list[TrajectoryRecord], list[CaseResult]]:
     """Simulate every case of a manifest with the oracle policy stepping the environment (:func:`simulate_case`)."""

@@ -56,6 +56,11 @@ def is_variant(case_id: str) -> bool:
     return re.search(r"\.aug\d+$", case_id) is not None
 
 
+def source_id(case_id: str) -> str:
+    """The case a variant was made from (``<id>`` of ``<id>.aug<k>``); other ids unchanged."""
+    return re.sub(r"\.aug\d+$", "", case_id)
+
+
 def has_laterality(*texts: str | None) -> bool:
     """Whether any of ``texts`` names a side (``left``/``right`` as a word) or an organ that lies on one side of the
     body (:data:`ONE_SIDED`)."""

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from ..imaging import (
     slice_of,
     to_display_rgb,
 )
+
+if TYPE_CHECKING:
+    from ibisagent.clicks import AnchorMode
 
 logger = logging.getLogger(__name__)
 
@@ -281,9 +284,17 @@ def _mask(case: Case, path: Path, image: Image) -> np.ndarray:
 def click_anchors(path: str | os.PathLike[str]) -> dict[str, tuple[float, float]]:
     """Each target name's click anchor over a manifest's masks (:func:`ibisagent.clicks.click_anchor`): target name
     (case-folded) → relative ``(x, y)``. Lines and cases that fail to load are left out, with a warning."""
-    from ibisagent.clicks import click_anchor
+    return {name: found[0].anchor for name, found in click_anchor_modes(path, max_modes=1).items()}
 
-    masks: dict[str, list[np.ndarray]] = {}
+
+def click_anchor_modes(path: str | os.PathLike[str], max_modes: int, seed: int = 0) -> dict[str, list[AnchorMode]]:
+    """Each target name's appearance modes over a manifest's images and masks (:func:`ibisagent.clicks.anchor_modes`;
+    augmented variants of a case are grouped with it for the cross-validation): target name (case-folded) → modes.
+    Lines and cases that fail to load are left out, with a warning."""
+    from ibisagent.clicks import anchor_modes_from_layouts, image_layout, mask_layout
+    from ibisagent.data.augment import source_id
+
+    layouts: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[str]]] = {}
     for case in read_manifest(path):
         try:
             if isinstance(case, CaseError):
@@ -292,8 +303,13 @@ def click_anchors(path: str | os.PathLike[str]) -> dict[str, tuple[float, float]
         except CaseError as exc:
             logger.warning("click anchors: %s left out: %s", path, exc)
             continue
+        thumb = None
         for name, mask in loaded.targets.items():
             if mask is not None and mask.any():
-                masks.setdefault(name.casefold(), []).append(mask)
-    anchors = {name: click_anchor(found) for name, found in masks.items()}
-    return {name: anchor for name, anchor in anchors.items() if anchor is not None}
+                thumb = image_layout(loaded.rgb) if thumb is None else thumb
+                found = layouts.setdefault(name.casefold(), ([], [], []))
+                found[0].append(thumb)
+                found[1].append(mask_layout(mask))
+                found[2].append(source_id(case.id))
+    return {name: anchor_modes_from_layouts(*found, max_modes=max_modes, seed=seed)
+            for name, found in layouts.items()}

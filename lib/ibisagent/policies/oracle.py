@@ -11,9 +11,10 @@ the policy grid) and writes, through :func:`ibisagent.protocol.format_response` 
 * ``Terminate`` + ``<answer>`` (target names; "not present" for absent targets) once every target has reached
   ``iou_stop`` or has no error left that a click could fix.
 
-With ``anchors`` (target name → relative ``(x, y)``, :func:`ibisagent.clicks.click_anchor` over a training set)
-the expert's clicks of those targets are anchored (:func:`ibisagent.clicks.next_click`): the first click of a target
-only (``anchor_clicks="first"``) or every click (``"all"``).
+With ``anchors`` (target name → relative ``(x, y)``, :func:`ibisagent.clicks.click_anchor` over a training set, or
+→ the target's appearance modes, :func:`ibisagent.clicks.anchor_modes`, of which the one the observed image is
+nearest gives the anchor) the expert's clicks of those targets are anchored (:func:`ibisagent.clicks.next_click`): the first
+click of a target only (``anchor_clicks="first"``) or every click (``"all"``).
 
 Clicks already made (the observation's clicks of the current state, and those written in earlier assistant turns of
 the conversation in history mode ``full``) are not repeated.
@@ -31,9 +32,9 @@ from typing import Literal
 
 import numpy as np
 
-from ibisagent.observation import resize_mask
-from ibisagent.clicks import Click, ErrorRule, next_click
+from ibisagent.clicks import Anchor, AnchorMode, Click, ErrorRule, nearest_mode, next_click
 from ibisagent.metrics import iou
+from ibisagent.observation import resize_mask
 from ibisagent.policies.base import (
     Conversation,
     Generation,
@@ -83,8 +84,9 @@ class OraclePolicy(Policy):
             policy grid (resized to the observation's grid with nearest-neighbour sampling when they differ).
         rule: error-region rule of :func:`ibisagent.clicks.next_click` (``"peak"`` or ``"area"``).
         iou_stop: a target counts as done at this IoU.
-        anchors: target name (case-insensitive) → relative ``(x, y)`` anchor of its clicks (see the module
-            docstring); targets without one click at the deepest point.
+        anchors: target name (case-insensitive) → relative ``(x, y)`` anchor of its clicks, or its
+            :class:`~ibisagent.clicks.AnchorMode` list (see the module docstring); targets without one click at the
+            deepest point.
         anchor_clicks: ``"first"`` (a target's first click only) or ``"all"``.
     """
 
@@ -92,7 +94,7 @@ class OraclePolicy(Policy):
 
     def __init__(self, ground_truth: Mapping[str, np.ndarray | None], rule: ErrorRule = "peak",
                  iou_stop: float = DEFAULT_ORACLE_IOU_STOP,
-                 anchors: Mapping[str, tuple[float, float]] | None = None,
+                 anchors: Mapping[str, Anchor] | None = None,
                  anchor_clicks: Literal["first", "all"] = "first") -> None:
         if rule not in ("peak", "area"):
             raise ValueError(f"unknown click rule {rule!r}; expected 'peak' or 'area'")
@@ -113,7 +115,7 @@ class OraclePolicy(Policy):
         self._truth = truth
         self.rule: ErrorRule = rule
         self.iou_stop = iou_stop
-        self.anchors = {name.casefold(): (float(x), float(y)) for name, (x, y) in (anchors or {}).items()}
+        self.anchors = {name.casefold(): _anchor_value(name, value) for name, value in (anchors or {}).items()}
         self.anchor_clicks = anchor_clicks
 
     def generate(self, requests: Sequence[PolicyRequest], options: GenerationOptions) -> list[Generation]:
@@ -144,7 +146,7 @@ class OraclePolicy(Policy):
             if score >= self.iou_stop:
                 continue
             click = next_click(truth, mask, earlier.get(name, ()), self.rule,
-                               self._anchor(name, bool(earlier.get(name)), w, h))
+                               self._anchor(name, bool(earlier.get(name)), obs.image))
             if click is None:
                 continue
             action = Action.from_click(click, w, h, target=name if multi else None)
@@ -165,11 +167,15 @@ class OraclePolicy(Policy):
                 parts.append(f"{name}: {ABSENT_ANSWER}" if len(obs.targets) > 1 else ABSENT_ANSWER)
         return Response(think=" ".join(sentences), actions=(Action("terminate"),), answer="; ".join(parts))
 
-    def _anchor(self, name: str, clicked: bool, w: int, h: int) -> tuple[float, float] | None:
-        """The anchor of target ``name`` in pixels of a (h, w) grid, or ``None`` (no anchor, or not anchored now)."""
+    def _anchor(self, name: str, clicked: bool, image: np.ndarray) -> tuple[float, float] | None:
+        """The anchor of target ``name`` in pixels of the observed (h, w[, 3]) ``image`` — with appearance modes, the
+        mode the image is nearest — or ``None`` (no anchor, or not anchored now)."""
         anchor = self.anchors.get(name.casefold())
         if anchor is None or (clicked and self.anchor_clicks == "first"):
             return None
+        if isinstance(anchor[0], AnchorMode):
+            anchor = nearest_mode(anchor, image).anchor
+        h, w = image.shape[:2]
         return anchor[0] * w, anchor[1] * h
 
     def _truth_in_grid(self, name: str, grid: tuple[int, ...]) -> np.ndarray:
@@ -180,6 +186,17 @@ class OraclePolicy(Policy):
         if mask is None:
             return np.zeros(grid, dtype=bool)
         return resize_mask(mask, (int(grid[0]), int(grid[1])))
+
+
+def _anchor_value(name: str, value: Anchor) -> tuple[float, float] | tuple[AnchorMode, ...]:
+    """An ``anchors`` entry checked: an ``(x, y)`` pair or a non-empty sequence of anchor modes."""
+    if value and all(isinstance(m, AnchorMode) for m in value):
+        return tuple(value)  # type: ignore[arg-type]
+    try:
+        x, y = value  # type: ignore[misc]
+        return float(x), float(y)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"anchor of {name!r} must be (x, y) or a list of AnchorMode, got {value!r}") from exc
 
 
 def _earlier_clicks(messages: Conversation, obs: Observation) -> dict[str, list[Click]]:

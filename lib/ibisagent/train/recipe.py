@@ -8,8 +8,10 @@ their last checkpoint):
    ``extra`` manifests) are trained on → ``DIR/train.jsonl``; the split → ``DIR/split.json``;
 2. **augmentation and trajectories**: random variants of the training cases (:mod:`ibisagent.data.augment`; as many
    as the budget affords, :data:`CASES_PER_MINUTE`) → ``DIR/augmented``; each target name's click anchor over them
-   (:func:`ibisagent.data.manifest.click_anchors`) → ``DIR/anchors.json``; the simulated expert with anchored clicks
-   (:data:`ANCHOR_CLICKS`) on the training cases and their variants → ``DIR/trajectories.jsonl``;
+   (:func:`ibisagent.data.manifest.click_anchors`) → ``DIR/anchors.json``, and its appearance modes, each with its
+   own anchor (:data:`ANCHOR_MODES`, :func:`ibisagent.data.manifest.click_anchor_modes`) → ``DIR/anchor_modes.json``;
+   the simulated expert with anchored clicks (:data:`ANCHOR_CLICKS`; the anchor of the mode the image is nearest) on
+   the training cases and their variants → ``DIR/trajectories.jsonl``;
 3. **SFT data** with reflective samples (``ibisagent.data.sft.build_sft``, history ``off`` as the product runs,
    refinement turns listing the points so far, :data:`SHOW_POINTS`) → ``DIR/sft_data``;
 4. **SFT** of a small Qwen2.5-VL built from a config with a tokenizer trained on the fly
@@ -78,6 +80,11 @@ FIRST_TURN_REPEATS = 4
 #: paper's deepest-point rule for the later clicks gave a higher held-out mean IoU than anchoring them too (side by
 #: side on the real-MRI tuning set: 0.58 vs 0.48 after SFT, first clicks inside 0.65 vs 0.67; docs/TRAINING.md).
 ANCHOR_CLICKS: Literal["first", "all"] = "first"
+#: The most appearance modes per target name (:func:`ibisagent.clicks.anchor_modes`; the number is chosen per name
+#: by cross-validation on the training images): one anchor per name is where the target is found most often over all
+#: images, which a policy can learn without looking; with a mode per kind of image (orientation, field of view) the
+#: expert's first click depends on which kind the image is, and so must the policy's. 1: one anchor per name.
+ANCHOR_MODES = 4
 #: The simulated expert's click budget per target (:func:`ibisagent.evaluate.run_oracle`'s ``max_steps``): the
 #: agent's turn budget at evaluation (10). Expert turns past it are never reached at inference, yet with the points
 #: listed they were a third of the SFT rows and the longest ones.
@@ -327,8 +334,9 @@ def run_recipe(
     tool: str = "embedded",
 ) -> dict[str, Any]:
     """Run the recipe (see the module docstring); returns the report (also ``DIR/report.json``)."""
+    from ibisagent.clicks import AnchorMode
     from ibisagent.data.augment import augment_manifest
-    from ibisagent.data.manifest import click_anchors
+    from ibisagent.data.manifest import click_anchor_modes, click_anchors
     from ibisagent.data.reflect import ReflectiveRatios
     from ibisagent.data.sft import build_sft
     from ibisagent.policies.tiny import build_tiny_qwen2_5_vl
@@ -368,13 +376,20 @@ def run_recipe(
     if not anchors_path.is_file():
         atomic_write_text(anchors_path, json.dumps(click_anchors(expert_manifest), indent=1))
     anchors = {name: tuple(xy) for name, xy in json.loads(anchors_path.read_text(encoding="utf-8")).items()}
+    modes_path = out / "anchor_modes.json"
+    if not modes_path.is_file():
+        atomic_write_text(modes_path, json.dumps(
+            {name: [m.to_json() for m in found]
+             for name, found in click_anchor_modes(expert_manifest, ANCHOR_MODES, seed).items()}))
+    modes = {name: [AnchorMode.from_json(m) for m in found]
+             for name, found in json.loads(modes_path.read_text(encoding="utf-8")).items()}
     trajectories = out / "trajectories.jsonl"
     if not trajectories.is_file():
         from ibisagent.data.trajectory import write_trajectories
         from ibisagent.evaluate import run_oracle
         from ibisagent.tools import load_tool
 
-        records, _ = run_oracle(expert_manifest, load_tool(tool), progress=progress, anchors=anchors,
+        records, _ = run_oracle(expert_manifest, load_tool(tool), progress=progress, anchors={**anchors, **modes},
                                 anchor_clicks=ANCHOR_CLICKS, max_steps=EXPERT_MAX_CLICKS)
         write_trajectories(trajectories, records)
     sft_data = out / "sft_data"
@@ -444,7 +459,8 @@ def run_recipe(
                    **{k: round(v, 1) for k, v in timings.items()}},
         "model": {"hidden_size": HIDDEN_SIZE, "num_layers": NUM_LAYERS, "vision_hidden_size": VISION_HIDDEN_SIZE,
                   "max_pixels": MAX_PIXELS},
-        "data": {"anchors": anchors, "anchor_clicks": ANCHOR_CLICKS, "show_points": SHOW_POINTS,
+        "data": {"anchors": anchors, "anchor_modes": {name: [m.anchor for m in found] for name, found in modes.items()},
+                 "anchor_clicks": ANCHOR_CLICKS, "show_points": SHOW_POINTS,
                  "variants_per_case": variants,
                  "augmented_cases": _count_lines(augmented), "trajectories": _count_lines(trajectories)},
         "sft": {"steps": max((h.get("step", 0) for h in sft_log), default=0),
