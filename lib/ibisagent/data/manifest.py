@@ -287,14 +287,31 @@ def click_anchors(path: str | os.PathLike[str]) -> dict[str, tuple[float, float]
     return {name: found[0].anchor for name, found in click_anchor_modes(path, max_modes=1).items()}
 
 
-def click_anchor_modes(path: str | os.PathLike[str], max_modes: int, seed: int = 0) -> dict[str, list[AnchorMode]]:
+def click_anchor_modes(path: str | os.PathLike[str] | TargetLayouts, max_modes: int,
+                       seed: int = 0) -> dict[str, list[AnchorMode]]:
     """Each target name's appearance modes over a manifest's images and masks (:func:`ibisagent.clicks.anchor_modes`;
     augmented variants of a case are grouped with it for the cross-validation): target name (case-folded) → modes.
+    ``path`` may also be :func:`target_layouts`' result, so that one scan of a manifest serves several fits."""
+    from ibisagent.clicks import anchor_modes_from_layouts
+
+    layouts = target_layouts(path) if isinstance(path, (str, os.PathLike)) else path
+    return {name: anchor_modes_from_layouts(*found, max_modes=max_modes, seed=seed)
+            for name, found in layouts.items()}
+
+
+#: Target name → (image thumbnails, mask occupancies, source case ids) of its non-empty masks (:func:`target_layouts`).
+TargetLayouts = dict[str, tuple[list[np.ndarray], list[np.ndarray], list[str]]]
+
+
+def target_layouts(path: str | os.PathLike[str]) -> TargetLayouts:
+    """One scan of a manifest for the click anchors: for each target name (case-folded), the
+    :func:`ibisagent.clicks.image_layout` of the image and the :func:`ibisagent.clicks.mask_layout` of each non-empty
+    mask, with the case id it comes from (an augmented variant's source case, :func:`ibisagent.data.augment.source_id`).
     Lines and cases that fail to load are left out, with a warning."""
-    from ibisagent.clicks import anchor_modes_from_layouts, image_layout, mask_layout
+    from ibisagent.clicks import image_layout, mask_layout
     from ibisagent.data.augment import source_id
 
-    layouts: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[str]]] = {}
+    layouts: TargetLayouts = {}
     for case in read_manifest(path):
         try:
             if isinstance(case, CaseError):
@@ -311,5 +328,4 @@ def click_anchor_modes(path: str | os.PathLike[str], max_modes: int, seed: int =
                 found[0].append(thumb)
                 found[1].append(mask_layout(mask))
                 found[2].append(source_id(case.id))
-    return {name: anchor_modes_from_layouts(*found, max_modes=max_modes, seed=seed)
-            for name, found in layouts.items()}
+    return layouts

@@ -336,7 +336,7 @@ def run_recipe(
     """Run the recipe (see the module docstring); returns the report (also ``DIR/report.json``)."""
     from ibisagent.clicks import AnchorMode
     from ibisagent.data.augment import augment_manifest
-    from ibisagent.data.manifest import click_anchor_modes, click_anchors
+    from ibisagent.data.manifest import click_anchor_modes, target_layouts
     from ibisagent.data.reflect import ReflectiveRatios
     from ibisagent.data.sft import build_sft
     from ibisagent.policies.tiny import build_tiny_qwen2_5_vl
@@ -372,15 +372,15 @@ def run_recipe(
     variants = variants_per_case(len(train_lines), minutes)
     augmented = augment_manifest(train_manifest, out / "augmented", variants, seed=seed, progress=progress)
     expert_manifest = _write_lines(out / "train_augmented.jsonl", train_lines + _resolved_lines(augmented))
-    anchors_path = out / "anchors.json"
-    if not anchors_path.is_file():
-        atomic_write_text(anchors_path, json.dumps(click_anchors(expert_manifest), indent=1))
-    anchors = {name: tuple(xy) for name, xy in json.loads(anchors_path.read_text(encoding="utf-8")).items()}
-    modes_path = out / "anchor_modes.json"
-    if not modes_path.is_file():
+    anchors_path, modes_path = out / "anchors.json", out / "anchor_modes.json"
+    if not (anchors_path.is_file() and modes_path.is_file()):
+        layouts = target_layouts(expert_manifest)
+        atomic_write_text(anchors_path, json.dumps(
+            {name: found[0].anchor for name, found in click_anchor_modes(layouts, 1, seed).items()}, indent=1))
         atomic_write_text(modes_path, json.dumps(
-            {name: [m.to_json() for m in found]
-             for name, found in click_anchor_modes(expert_manifest, ANCHOR_MODES, seed).items()}))
+            {name: [m.to_json() for m in found] for name, found in click_anchor_modes(layouts, ANCHOR_MODES,
+                                                                                         seed).items()}))
+    anchors = {name: tuple(xy) for name, xy in json.loads(anchors_path.read_text(encoding="utf-8")).items()}
     modes = {name: [AnchorMode.from_json(m) for m in found]
              for name, found in json.loads(modes_path.read_text(encoding="utf-8")).items()}
     trajectories = out / "trajectories.jsonl"
