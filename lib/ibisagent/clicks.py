@@ -13,6 +13,11 @@ target name is most often found over a training set — the click goes, within t
 nearest the anchor among those at least :data:`ANCHOR_DEPTH` of the region's peak depth from its edge: still well
 inside, and where an annotator who knows the anatomy would look first.
 
+**Appearance modes** (:func:`anchor_modes`, :func:`nearest_mode`): where a target lies differently in different
+kinds of image (axial, coronal or sagittal slices; one scanner's field of view or another's), one anchor per name is
+inside only in some; the training images are grouped by their look, each group with its own anchor, and the anchor
+of the group an image is nearest is used for it.
+
 Coordinates are pixels, named ``x`` (column) and ``y`` (row) everywhere; arrays are indexed ``mask[y, x]``.
 """
 
