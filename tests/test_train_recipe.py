@@ -49,7 +49,7 @@ def test_train_tiny_writes_a_policy_and_a_report_and_a_restart_keeps_the_recorde
     # beside the mean-click baseline, the blind click at each anchor (what a policy that ignores the image learns)
     assert report["baseline_image_blind"]["anchor"]["targets"] == report["baseline_image_blind"]["targets"]
     assert all(0.0 <= v <= 1.0 for xy in anchors.values() for v in xy)
-    # and each name's layout modes, the anchor of the nearest one taken by the expert
+    # and each name's appearance modes (the expert takes the anchor of the one the image is nearest)
     modes = json.loads((out / "anchor_modes.json").read_text())
     assert set(modes) == set(anchors) and all(1 <= len(found) <= ANCHOR_MODES for found in modes.values())
     assert report["data"]["anchor_modes"] == {name: [m["anchor"] for m in found] for name, found in modes.items()}

@@ -265,7 +265,11 @@ def nearest_mode(modes: Sequence[AnchorMode], image: np.ndarray) -> AnchorMode:
     when there is none."""
     if not modes:
         raise ValueError("no anchor modes to choose from")
-    layout = image_layout(image, modes[0].prototype.shape[0])
+    return _nearest(modes, image_layout(image, modes[0].prototype.shape[0]))
+
+
+def _nearest(modes: Sequence[AnchorMode], layout: np.ndarray) -> AnchorMode:
+    """The mode whose prototype is nearest (squared difference) to a (G, G) thumbnail."""
     return min(modes, key=lambda m: float(((m.prototype - layout) ** 2).sum()))
 
 
@@ -324,14 +328,14 @@ def anchor_modes_from_layouts(thumbs: Sequence[np.ndarray], occupancies: Sequenc
     fold_of = {names[i]: n % 2 for n, i in enumerate(order)}
     fold = np.array([fold_of[g] for g in groups])
     scores: dict[int, float] = {}
-    for k in range(1, max_modes + 1):
+    for k in range(1, max_modes + 1) if max_modes > 1 else ():  # one candidate: nothing to cross-validate
         if min((fold == 0).sum(), (fold == 1).sum()) < k * MIN_MASKS_PER_MODE:
             break
         hits = []
         for held in (0, 1):
             modes = _fit_modes(layouts[fold != held], fine[fold != held], k, seed)
             for layout, occupancy in zip(layouts[fold == held], fine[fold == held]):
-                x, y = min(modes, key=lambda m: float(((m.prototype - layout) ** 2).sum())).anchor
+                x, y = _nearest(modes, layout).anchor
                 grid = occupancy.shape[0]
                 hits.append(occupancy[min(int(y * grid), grid - 1), min(int(x * grid), grid - 1)] >= 0.5)
         scores[k] = float(np.mean(hits))

@@ -13,8 +13,8 @@ the policy grid) and writes, through :func:`ibisagent.protocol.format_response` 
 
 With ``anchors`` (target name → relative ``(x, y)``, :func:`ibisagent.clicks.click_anchor` over a training set, or
 → the target's appearance modes, :func:`ibisagent.clicks.anchor_modes`, of which the one the observed image is
-nearest gives the anchor) the expert's clicks of those targets are anchored (:func:`ibisagent.clicks.next_click`): the first
-click of a target only (``anchor_clicks="first"``) or every click (``"all"``).
+nearest gives the anchor) the expert's clicks of those targets are anchored (:func:`ibisagent.clicks.next_click`):
+the first click of a target only (``anchor_clicks="first"``) or every click (``"all"``).
 
 Clicks already made (the observation's clicks of the current state, and those written in earlier assistant turns of
 the conversation in history mode ``full``) are not repeated.

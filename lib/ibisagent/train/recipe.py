@@ -378,11 +378,10 @@ def run_recipe(
     anchors_path, modes_path = out / "anchors.json", out / "anchor_modes.json"
     if not (anchors_path.is_file() and modes_path.is_file()):
         layouts = target_layouts(expert_manifest)
-        atomic_write_text(anchors_path, json.dumps(
-            {name: found[0].anchor for name, found in click_anchor_modes(layouts, 1, seed).items()}, indent=1))
-        atomic_write_text(modes_path, json.dumps(
-            {name: [m.to_json() for m in found] for name, found in click_anchor_modes(layouts, ANCHOR_MODES,
-                                                                                         seed).items()}))
+        single = click_anchor_modes(layouts, 1, seed)
+        moded = single if ANCHOR_MODES == 1 else click_anchor_modes(layouts, ANCHOR_MODES, seed)
+        atomic_write_text(anchors_path, json.dumps({name: found[0].anchor for name, found in single.items()}, indent=1))
+        atomic_write_text(modes_path, json.dumps({name: [m.to_json() for m in found] for name, found in moded.items()}))
     anchors = {name: tuple(xy) for name, xy in json.loads(anchors_path.read_text(encoding="utf-8")).items()}
     modes = {name: [AnchorMode.from_json(m) for m in found]
              for name, found in json.loads(modes_path.read_text(encoding="utf-8")).items()}
@@ -392,7 +391,7 @@ def run_recipe(
         from ibisagent.evaluate import run_oracle
         from ibisagent.tools import load_tool
 
-        records, _ = run_oracle(expert_manifest, load_tool(tool), progress=progress, anchors={**anchors, **modes},
+        records, _ = run_oracle(expert_manifest, load_tool(tool), progress=progress, anchors=modes,
                                 anchor_clicks=ANCHOR_CLICKS, max_steps=EXPERT_MAX_CLICKS)
         write_trajectories(trajectories, records)
     sft_data = out / "sft_data"
