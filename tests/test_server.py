@@ -301,7 +301,7 @@ def test_client_mistakes_get_4xx_with_a_message(server: Server, model: str, imag
 
 
 def test_rejected_uploads_and_wrong_labels_leave_nothing_behind(server: Server, tmp_path: Path) -> None:
-    before = sorted(server.tmp.iterdir())
+    before = set(server.tmp.iterdir())
     r = requests.put(f"{server.url}/datastore/image", params={"image": "junk"},
                      files={"file": ("junk.png", b"this is not an image")}, timeout=30)
     assert r.status_code == 415 and str(server.tmp) not in r.text, r.text
@@ -319,7 +319,22 @@ def test_rejected_uploads_and_wrong_labels_leave_nothing_behind(server: Server, 
     r = requests.put(f"{server.url}/datastore/image", params={"image": "big"},
                      files={"file": ("big.nii.gz", b"\0" * (9 * 1024 * 1024))}, timeout=30)
     assert r.status_code == 413, r.text
-    assert sorted(server.tmp.iterdir()) == before  # no temporary file left by a rejected upload
+    # the same without a Content-Length (chunked transfer): refused as too large too, not as a malformed form
+    boundary = uuid.uuid4().hex
+
+    def chunked() -> Iterator[bytes]:
+        yield (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.nii.gz"\r\n'
+               "Content-Type: application/octet-stream\r\n\r\n").encode()
+        for _ in range(9):
+            yield b"\0" * (1024 * 1024)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = requests.put(f"{server.url}/datastore/image", params={"image": "big"}, data=chunked(),
+                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=30)
+    assert r.status_code == 413 and "MiB" in r.json()["detail"], r.text
+    # no temporary file left by a rejected upload (files only: MONAI Label deletes earlier infer results in the
+    # background, and torch may create its cache folder here)
+    assert {p for p in server.tmp.iterdir() if p.is_file()} - before == set()
     datastore = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()
     assert "ct_abdomen" in datastore["objects"] and not {"junk", "junk2", "big"} & set(datastore["objects"])
 
@@ -338,6 +353,86 @@ def test_a_retried_label_save_is_applied_once(server: Server) -> None:
     assert replies[0]["corrections_added"] == 1 and replies[1] == replies[0]
     lines = (server.studies / "ibisagent" / "corrections.jsonl").read_text().splitlines()
     assert len(lines) == replies[0]["corrections_total"] and all(json.loads(line) for line in lines)
+
+
+def test_idempotent_replies_apply_once_across_concurrency_failures_and_restarts(tmp_path: Path) -> None:
+    import asyncio
+
+    from ibisagent.server.idempotency import IdempotentReplies
+    from ibisagent.server.limits import RequestError
+
+    applied: list[str] = []
+
+    def saver(label: str, fail: bool = False):  # noqa: ANN202 - a test helper
+        async def apply() -> dict[str, str]:
+            await asyncio.sleep(0.05)  # the retry arrives while this save runs
+            if fail:
+                raise OSError("disk full")
+            applied.append(label)
+            return {"label": label}
+        return apply
+
+    request = {"image": "ct", "tag": "final"}
+    store = IdempotentReplies(tmp_path / "replies", capacity=3)
+
+    async def concurrent() -> list[dict[str, str]]:
+        return await asyncio.gather(*(store.run("k1", "ann", request, saver(f"v{i}")) for i in range(3)))
+
+    assert asyncio.run(concurrent()) == [{"label": "v0"}] * 3 and applied == ["v0"]
+    restarted = IdempotentReplies(tmp_path / "replies", capacity=3)  # a new server process on the same folder
+    assert asyncio.run(restarted.run("k1", "ann", request, saver("again"))) == {"label": "v0"} and applied == ["v0"]
+    assert asyncio.run(restarted.run("k1", "other user", request, saver("u2"))) == {"label": "u2"}
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(restarted.run("k1", "ann", {"image": "ct", "tag": "other"}, saver("x")))
+    assert refused.value.status == 422 and "another label save" in refused.value.message
+    with pytest.raises(OSError):
+        asyncio.run(restarted.run("k2", "ann", request, saver("lost", fail=True)))
+    assert asyncio.run(restarted.run("k2", "ann", request, saver("k2"))) == {"label": "k2"}  # a failure stores nothing
+    with pytest.raises(RequestError):
+        asyncio.run(restarted.run("x" * 256, "ann", request, saver("long")))
+    for key in ("k3", "k4"):
+        asyncio.run(restarted.run(key, "ann", request, saver(key)))
+    assert len(list((tmp_path / "replies").glob("*.json"))) == 3  # the oldest forgotten beyond the capacity
+    assert all(len(p.stem) == 64 for p in (tmp_path / "replies").iterdir())  # no client text in the file names
+
+
+def test_a_label_save_retried_while_running_or_after_a_restart_is_applied_once(tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(SAMPLES / "ct_abdomen.png", studies / "ct_abdomen.png")
+    conf = {"policy": "tiny", "tool": "embedded", "threads": "1"}
+    key = uuid.uuid4().hex
+
+    def save(url: str, tag: str = "final") -> requests.Response:
+        return requests.put(f"{url}/datastore/label", params={"image": "ct_abdomen", "tag": tag},
+                            headers={"Idempotency-Key": key},
+                            files={"label": ("final.png", (SAMPLES / "ct_liver.png").read_bytes())}, timeout=120)
+
+    proc, url = _start(tmp_path, studies, conf, {})
+    try:
+        r = requests.post(f"{url}/infer/ibisagent", params={"image": "ct_abdomen", "output": "json"},
+                          files={"params": (None, json.dumps({"instruction": "Segment the liver."}))}, timeout=120)
+        assert r.status_code == 200 and r.json()["stored_for_corrections"], r.text
+        with ThreadPoolExecutor(3) as pool:  # a client that timed out and retried while the first save ran
+            replies = [f.result() for f in [pool.submit(save, url) for _ in range(3)]]
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+        first = replies[0].json()
+        assert first["corrections_added"] == 1 and all(r.json() == first for r in replies)
+    finally:
+        stop_group(proc)
+    corrections = (studies / "ibisagent" / "corrections.jsonl").read_text().splitlines()
+    assert len(corrections) == first["corrections_total"]
+    proc, url = _start(tmp_path, studies, conf, {})
+    try:
+        r = save(url)
+        assert r.status_code == 200 and r.json() == first, r.text
+        r = save(url, tag="other")
+        assert r.status_code == 422 and "Idempotency-Key" in r.json()["detail"], r.text
+        labels = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()
+        assert set(labels["objects"]["ct_abdomen"]["labels"]) == {"final"}
+    finally:
+        stop_group(proc)
+    assert (studies / "ibisagent" / "corrections.jsonl").read_text().splitlines() == corrections
 
 
 # ----------------------------------------------------------------------------------------------------------------

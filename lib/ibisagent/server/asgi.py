@@ -7,7 +7,8 @@ expose. MONAI Label is not changed; this layer
   name; an upload or a session image is marked as server-written, see :data:`limits.SERVER_INPUT`) before any work;
 * saves labels and images (``PUT /datastore/label``, ``PUT /datastore/image``) off the event loop too, deleting the
   uploaded temporary file whatever happens (MONAI Label leaves it behind when the datastore rejects it); a retried
-  label save with the same ``Idempotency-Key`` header gets the first reply again instead of being applied twice;
+  label save with the same ``Idempotency-Key`` header gets the first reply again instead of being applied twice —
+  also while the first is still running and after a restart (:mod:`ibisagent.server.idempotency`);
 * refuses request bodies above ``max_upload_mb`` with 413 before reading them;
 * closes ``/logs`` to everyone when authentication is off (MONAI Label's admin role guards it when on), and closes
   the whole-dataset download, ``/reload`` and model-file uploads (``PUT``/``DELETE /model/…``);
@@ -21,7 +22,6 @@ signatures.
 """
 
 import asyncio
-import collections
 import json
 import logging
 import os
@@ -29,13 +29,13 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from ibisagent.server.idempotency import IdempotentReplies
 from ibisagent.server.limits import (
     SERVER_INPUT,
     SERVER_INPUT_KEY,
@@ -56,8 +56,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
 
-#: Replies remembered for ``Idempotency-Key`` retries of label saves (oldest forgotten first).
-IDEMPOTENCY_CACHE = 1024
 
 
 def check_plain_name(value: str, what: str) -> str:
@@ -207,8 +205,16 @@ class _Pools:
         self.infer = ThreadPoolExecutor(options.infer_workers, thread_name_prefix="ibisagent-infer")
         self.save = ThreadPoolExecutor(2, thread_name_prefix="ibisagent-save")
         self.admitted = 0
-        self.replies: collections.OrderedDict[str, Any] = collections.OrderedDict()
-        self.replies_lock = threading.Lock()
+        self._replies: IdempotentReplies | None = None
+
+    def replies(self) -> IdempotentReplies:
+        """The label-save replies by ``Idempotency-Key``, kept in the app's data folder (created on first use: the
+        app instance exists only once the server has started)."""
+        if self._replies is None:
+            from monailabel.interfaces.utils.app import app_instance
+
+            self._replies = IdempotentReplies(Path(app_instance().data_dir) / "idempotency")
+        return self._replies
 
     def shutdown(self) -> None:
         self.infer.shutdown(wait=False, cancel_futures=True)
@@ -315,26 +321,23 @@ def build_app(options: ServerOptions | None = None) -> Any:
         check_plain_name(tag or "final", "label tag")
         info = check_params(params)
         suffix = upload_suffix(label.filename)
+        username = getattr(user, "username", None)
+
+        async def apply() -> Any:
+            folder = tempfile.mkdtemp(prefix="ibisagent-upload-")
+            try:
+                path = os.path.join(folder, "label" + suffix)
+                with open(path, "wb") as out:
+                    shutil.copyfileobj(label.file, out)
+                return await in_pool(pools.save, _save_label, app_instance(), image, path, tag or "final", info,
+                                     username)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
         key = request.headers.get("idempotency-key")
-        if key:
-            with pools.replies_lock:
-                if key in pools.replies:
-                    return pools.replies[key]
-        folder = tempfile.mkdtemp(prefix="ibisagent-upload-")
-        try:
-            path = os.path.join(folder, "label" + suffix)
-            with open(path, "wb") as out:
-                shutil.copyfileobj(label.file, out)
-            reply = await in_pool(pools.save, _save_label, app_instance(), image, path, tag or "final", info,
-                                  getattr(user, "username", None))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        if key:
-            with pools.replies_lock:
-                pools.replies[key] = reply
-                while len(pools.replies) > IDEMPOTENCY_CACHE:
-                    pools.replies.popitem(last=False)
-        return reply
+        if key is None:
+            return await apply()
+        return await pools.replies().run(key, username, {"image": image, "tag": tag or "final"}, apply)
 
     async def add_image(image: str | None, params: str, file: UploadFile, user: Any) -> Any:
         suffix = upload_suffix(file.filename)
