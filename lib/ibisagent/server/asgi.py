@@ -57,7 +57,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
 
 
-
 def check_plain_name(value: str, what: str) -> str:
     """An image id or label tag: letters, digits, ``. _ + -``, no ``..`` (400 otherwise)."""
     if not _NAME.match(value or "") or ".." in value or len(value) > 255:
