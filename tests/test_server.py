@@ -357,43 +357,55 @@ def test_a_retried_label_save_is_applied_once(server: Server) -> None:
 
 def test_idempotent_replies_apply_once_across_concurrency_failures_and_restarts(tmp_path: Path) -> None:
     import asyncio
+    from collections import deque
 
     from ibisagent.server.idempotency import IdempotentReplies
     from ibisagent.server.limits import RequestError
 
     applied: list[str] = []
 
-    def saver(label: str, fail: bool = False):  # noqa: ANN202 - a test helper
-        async def apply() -> dict[str, str]:
+    def saver(label: str, fail: bool = False, reply: object = None):  # noqa: ANN202 - a test helper
+        async def apply() -> object:
             await asyncio.sleep(0.05)  # the retry arrives while this save runs
             if fail:
                 raise OSError("disk full")
             applied.append(label)
-            return {"label": label}
+            return {"label": label} if reply is None else reply
         return apply
 
-    request = {"image": "ct", "tag": "final"}
+    request, other = {"image": "ct", "tag": "final"}, {"image": "ct", "tag": "other"}
     store = IdempotentReplies(tmp_path / "replies", capacity=3)
 
-    async def concurrent() -> list[dict[str, str]]:
-        return await asyncio.gather(*(store.run("k1", "ann", request, saver(f"v{i}")) for i in range(3)))
+    async def together(*calls: object) -> list[object]:
+        return await asyncio.gather(*calls, return_exceptions=True)
 
-    assert asyncio.run(concurrent()) == [{"label": "v0"}] * 3 and applied == ["v0"]
+    replies = asyncio.run(together(*(store.run("k1", "ann", request, saver(f"v{i}")) for i in range(3)),
+                                   store.run("k1", "ann", other, saver("reused"))))
+    assert replies[:3] == [{"label": "v0"}] * 3 and applied == ["v0"]
+    assert isinstance(replies[3], RequestError) and replies[3].status == 422  # reused while the first runs
     restarted = IdempotentReplies(tmp_path / "replies", capacity=3)  # a new server process on the same folder
     assert asyncio.run(restarted.run("k1", "ann", request, saver("again"))) == {"label": "v0"} and applied == ["v0"]
     assert asyncio.run(restarted.run("k1", "other user", request, saver("u2"))) == {"label": "u2"}
     with pytest.raises(RequestError) as refused:
-        asyncio.run(restarted.run("k1", "ann", {"image": "ct", "tag": "other"}, saver("x")))
+        asyncio.run(restarted.run("k1", "ann", other, saver("x")))
     assert refused.value.status == 422 and "another label save" in refused.value.message
-    with pytest.raises(OSError):
-        asyncio.run(restarted.run("k2", "ann", request, saver("lost", fail=True)))
-    assert asyncio.run(restarted.run("k2", "ann", request, saver("k2"))) == {"label": "k2"}  # a failure stores nothing
-    with pytest.raises(RequestError):
+    failed = asyncio.run(together(*(restarted.run("k2", "ann", request, saver("lost", fail=True)) for _ in range(2))))
+    assert all(isinstance(f, OSError) for f in failed)  # the retry waiting on a failed save fails with it
+    assert asyncio.run(restarted.run("k2", "ann", request, saver("k2"))) == {"label": "k2"}  # nothing was stored
+    odd = {"label": "odd", "log": deque(["not JSON"])}
+    assert asyncio.run(restarted.run("k5", "ann", request, saver("odd", reply=odd))) is odd  # answered, not stored
+    assert asyncio.run(restarted.run("k5", "ann", request, saver("odd again"))) == {"label": "odd again"}
+    with pytest.raises(RequestError) as too_long:
         asyncio.run(restarted.run("x" * 256, "ann", request, saver("long")))
+    assert too_long.value.status == 400
     for key in ("k3", "k4"):
+        time.sleep(0.02)  # distinct modification times
         asyncio.run(restarted.run(key, "ann", request, saver(key)))
     assert len(list((tmp_path / "replies").glob("*.json"))) == 3  # the oldest forgotten beyond the capacity
     assert all(len(p.stem) == 64 for p in (tmp_path / "replies").iterdir())  # no client text in the file names
+    for key in ("k3", "k4"):  # the newest are kept ...
+        assert asyncio.run(restarted.run(key, "ann", request, saver("not again"))) == {"label": key}
+    assert asyncio.run(restarted.run("k1", "other user", request, saver("u2 again"))) == {"label": "u2 again"}
 
 
 def test_a_label_save_retried_while_running_or_after_a_restart_is_applied_once(tmp_path: Path) -> None:

@@ -197,7 +197,9 @@ class IbisAgentApp(MONAILabelApp):
         every = self.options.auto_train_every
         if added and every and total // every > (total - added) // every:
             logger.info("%d corrections collected: starting ibisagent_sft", total)
-            result["training"] = self.async_training("ibisagent_sft", None, enqueue=True)
+            task = self.async_training("ibisagent_sft", None, enqueue=True) or {}
+            # a snapshot: MONAI Label's task dict lives on (its thread adds a deque of log lines to it)
+            result["training"] = {k: task[k] for k in ("id", "type", "status", "start_ts") if k in task}
         return result
 
     def _derive_corrections(self, image_id: str, label_id: str, client_id: str | None) -> tuple[int, int]:
