@@ -51,13 +51,15 @@ def disk_manifest(out: Path, n: int, seed: int) -> Path:
 
 
 def first_turns(sft_data: Path, out: Path) -> Path:
-    """The SFT dataset's first-turn rows (``rows.jsonl`` step 0) as a dataset of their own."""
+    """The SFT dataset's first-turn rows (:func:`ibisagent.train.sft.first_turn_rows`) as a dataset of their own."""
     from datasets import load_from_disk
+    from ibisagent.train.sft import first_turn_rows
 
-    rows = [json.loads(line) for line in (sft_data / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
-    keep = [i for i, row in enumerate(rows) if row["step"] == 0]
-    load_from_disk(str(sft_data)).select(keep).save_to_disk(str(out))
-    (out / "rows.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in keep), encoding="utf-8")
+    dataset = load_from_disk(str(sft_data))
+    keep = sorted(first_turn_rows(sft_data, len(dataset)))
+    dataset.select(keep).save_to_disk(str(out))
+    rows = (sft_data / "rows.jsonl").read_text(encoding="utf-8").splitlines()
+    (out / "rows.jsonl").write_text("".join(rows[i] + "\n" for i in keep), encoding="utf-8")
     shutil.copy(sft_data / "ibisagent.json", out / "ibisagent.json")
     return out
 

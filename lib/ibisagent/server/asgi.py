@@ -29,9 +29,9 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +220,20 @@ class _Pools:
         self.save.shutdown(wait=False, cancel_futures=True)
 
 
+@contextmanager
+def upload_copy(upload: Any, name: str) -> Iterator[str]:
+    """The path of ``upload`` (a FastAPI ``UploadFile``) copied as ``name`` into a fresh temporary folder, which is
+    removed on leaving, whatever happens (MONAI Label leaves uploads behind when its datastore rejects them)."""
+    folder = tempfile.mkdtemp(prefix="ibisagent-upload-")
+    try:
+        path = os.path.join(folder, name)
+        with open(path, "wb") as out:
+            shutil.copyfileobj(upload.file, out)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def build_app(options: ServerOptions | None = None) -> Any:
     """The served ASGI app: this layer's routes and :class:`Guard` in front of MONAI Label's app (imported here, so
     MONAI Label's settings must be final — the start command sets them from its arguments and the environment)."""
@@ -323,15 +337,9 @@ def build_app(options: ServerOptions | None = None) -> Any:
         username = getattr(user, "username", None)
 
         async def apply() -> Any:
-            folder = tempfile.mkdtemp(prefix="ibisagent-upload-")
-            try:
-                path = os.path.join(folder, "label" + suffix)
-                with open(path, "wb") as out:
-                    shutil.copyfileobj(label.file, out)
+            with upload_copy(label, "label" + suffix) as path:
                 return await in_pool(pools.save, _save_label, app_instance(), image, path, tag or "final", info,
                                      username)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
 
         key = request.headers.get("idempotency-key")
         if key is None:
@@ -345,14 +353,8 @@ def build_app(options: ServerOptions | None = None) -> Any:
         info = check_params(params)
         if getattr(user, "username", None):
             info["user"] = user.username
-        folder = tempfile.mkdtemp(prefix="ibisagent-upload-")
-        try:
-            path = os.path.join(folder, "image" + suffix)
-            with open(path, "wb") as out:
-                shutil.copyfileobj(file.file, out)
+        with upload_copy(file, "image" + suffix) as path:
             added = await in_pool(pools.save, lambda: app_instance().datastore().add_image(image_id, path, info))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
         return {"image": added}
 
     @outer.put("/datastore/image")
