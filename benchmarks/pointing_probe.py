@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=12.0)
     parser.add_argument("--train", type=int, default=1600)
     parser.add_argument("--test", type=int, default=150)
+    parser.add_argument("--vision", choices=("train", "frozen"), default="train")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
     args = parser.parse_args(argv)
 
     import torch
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                  max_pixels=recipe.MAX_PIXELS, corpus=recipe.tokenizer_corpus(data),
                                  vocab_size=recipe.VOCAB_SIZE, vision_hidden_size=recipe.VISION_HIDDEN_SIZE,
                                  phrases=recipe.prompt_phrases())
-    config = SFTRunConfig(model=str(base), lora=LoraSettings(enabled=False), train_vision=True, learning_rate=2e-3,
+    config = SFTRunConfig(model=str(base), lora=LoraSettings(enabled=False), train_vision=args.vision == "train",
+                          learning_rate=2e-3, weight_decay=args.weight_decay,
                           epochs=1000, batch_size=4, max_seconds=args.minutes * 60, time_decay=True, save_steps=100000,
                           max_length=4096, first_turn_repeats=1, seed=0)
     run_sft(config, data, out / "sft")

@@ -34,6 +34,22 @@ def test_unknown_keys_are_named(tmp_path):
         load_config(GRPORunConfig, path)
 
 
+def test_weight_decay_reaches_the_trainer_and_a_negative_one_is_refused(tmp_path):
+    from trl import GRPOConfig, SFTConfig
+
+    from ibisagent.train.common import training_arguments
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny\nweight_decay: 0.05\n")
+    for cls, trl_cls in ((SFTRunConfig, SFTConfig), (GRPORunConfig, GRPOConfig)):
+        config = load_config(cls, path)
+        assert trl_cls(**training_arguments(config, tmp_path / "out")).weight_decay == 0.05
+    assert SFTConfig(**training_arguments(SFTRunConfig(), tmp_path / "out")).weight_decay == 0.0
+    path.write_text("weight_decay: -0.1\n")
+    with pytest.raises(ConfigError, match="weight_decay"):
+        load_config(SFTRunConfig, path)
+
+
 def test_cli_rejects_an_unknown_key_before_training(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: tiny\nepochz: 3\n")

@@ -146,6 +146,7 @@ def training_arguments(config: Any, out_dir: str | os.PathLike[str]) -> dict[str
         "num_train_epochs": config.epochs,
         "max_steps": config.max_steps,
         "warmup_steps": config.warmup_ratio,
+        "weight_decay": config.weight_decay,
         "lr_scheduler_type": "constant_with_warmup" if config.time_decay else "linear",
         "logging_steps": config.logging_steps,
         "save_steps": config.save_steps,

@@ -48,6 +48,8 @@ class TrainCommon:
     batch_size: int = field(default=1, metadata={"help": "per-device batch size"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "share of steps with linear warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay (transformers' "
+                                                               "weight_decay; 0: none)"})
     min_pixels: int | None = field(default=None, metadata={"help": "image pixel budget (default: the model's own)"})
     max_pixels: int | None = field(default=None, metadata={"help": "image pixel budget (the authors used 262144)"})
     train_vision: bool = field(
@@ -151,6 +153,8 @@ def check(config: C, where: str = "") -> C:
     :class:`ConfigError` naming them. Returns ``config``."""
     if getattr(config, "time_decay", False) and not getattr(config, "max_seconds", None):
         raise ConfigError(f"{where}time_decay needs max_seconds (the time budget the learning rate decays over)")
+    if getattr(config, "weight_decay", 0.0) < 0:
+        raise ConfigError(f"{where}weight_decay must be ≥ 0, got {config.weight_decay}")
     if getattr(config, "first_turn_repeats", 1) < 1:
         raise ConfigError(f"{where}first_turn_repeats must be ≥ 1, got {config.first_turn_repeats}")
     if getattr(config, "train_vision", False) and config.lora.enabled:
