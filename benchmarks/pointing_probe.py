@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from ibisagent.data.sft import build_sft
     from ibisagent.data.trajectory import write_trajectories
     from ibisagent.evaluate import run_oracle
-    from ibisagent.policies.tiny import build_tiny_qwen2_5_vl
+    from ibisagent.policies.tiny import TINY_MIN_PIXELS, build_tiny_qwen2_5_vl
     from ibisagent.tools import load_tool
     from ibisagent.train import recipe
     from ibisagent.train.config import LoraSettings, SFTRunConfig
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     records, _ = run_oracle(train, load_tool("embedded"), progress=False, max_steps=1)
     write_trajectories(out / "trajectories.jsonl", records)
     build_sft(out / "trajectories.jsonl", out / "sft_all", history="off", reflective=None, seed=0, manifest=train,
-              min_pixels=56 * 56, max_pixels=recipe.MAX_PIXELS, workers=1, progress=False,
+              min_pixels=TINY_MIN_PIXELS, max_pixels=recipe.MAX_PIXELS, workers=1, progress=False,
               show_points=recipe.SHOW_POINTS)
     data = first_turns(out / "sft_all", out / "sft_first")
     base = build_tiny_qwen2_5_vl(out / "base", seed=0, hidden_size=recipe.HIDDEN_SIZE, num_layers=recipe.NUM_LAYERS,

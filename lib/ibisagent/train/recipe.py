@@ -342,7 +342,7 @@ def run_recipe(
     from ibisagent.data.manifest import click_anchor_modes, target_layouts
     from ibisagent.data.reflect import ReflectiveRatios
     from ibisagent.data.sft import build_sft
-    from ibisagent.policies.tiny import build_tiny_qwen2_5_vl
+    from ibisagent.policies.tiny import TINY_MIN_PIXELS, build_tiny_qwen2_5_vl
     from ibisagent.train.config import GRPORunConfig, LoraSettings, SFTRunConfig
     from ibisagent.train.grpo import run_grpo
     from ibisagent.train.sft import run_sft
@@ -397,7 +397,7 @@ def run_recipe(
     sft_data = out / "sft_data"
     if not (sft_data / "dataset_info.json").is_file():
         build_sft(trajectories, sft_data, history="off", reflective=ReflectiveRatios(0.3, 0.2), seed=seed,
-                  manifest=expert_manifest, min_pixels=56 * 56, max_pixels=MAX_PIXELS,
+                  manifest=expert_manifest, min_pixels=TINY_MIN_PIXELS, max_pixels=MAX_PIXELS,
                   workers=max(1, min(4, os.cpu_count() or 1)), progress=progress, show_points=SHOW_POINTS)
     base = out / "base"
     if not (base / "config.json").is_file():
