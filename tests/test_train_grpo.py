@@ -158,6 +158,46 @@ def test_step_rows_are_the_states_before_each_expert_turn_within_the_click_budge
 
 
 
+def test_grpo_rows_replay_the_expert_anchored_as_the_sft_data_was(tmp_path):
+    """The rows' expert takes the click anchors the SFT data's expert had (``anchor_from``: the JSON ``train tiny``
+    saves, or a manifest), so step mode's states are the ones SFT trained on; without it, the deepest point."""
+    import numpy as np
+
+    from ibisagent.clicks import LAYOUT_GRID, AnchorMode
+    from ibisagent.data.manifest import expert_anchors
+    from ibisagent.protocol import parse_response
+    from ibisagent.train.config import ConfigError, GRPORunConfig, from_mapping
+    from ibisagent.train.environment import EnvSettings
+    from ibisagent.train.grpo import build_rows
+
+    manifest = write_manifest(tmp_path / "data", cases=1)
+    saved = tmp_path / "anchor_modes.json"
+    corner = AnchorMode(anchor=(0.0, 0.0), prototype=np.zeros((LAYOUT_GRID, LAYOUT_GRID), np.float32))
+    saved.write_text(json.dumps({"Lesion": [corner.to_json()]}))
+    config = from_mapping(GRPORunConfig, {"anchor_from": str(saved), "anchor_clicks": "first", "mode": "step"})
+    settings = EnvSettings(history="off", max_steps=10**6)
+
+    def first_click(anchors):
+        rows = build_rows(manifest, "step", settings, ["c0"], progress=False, anchors=anchors,
+                          anchor_clicks=config.anchor_clicks)
+        return parse_response(json.loads(rows[1]["history"])[0]).clicks[0]
+
+    anchored = first_click(expert_anchors(config.anchor_from, config.anchor_modes))
+    deepest = first_click(None)
+    # the 12-px square of c0 spans x 10–21, y 22–33 (of 56 px): the anchored click is in its upper-left part, the
+    # deepest point at its centre
+    assert (anchored.x, anchored.y) != (deepest.x, deepest.y)
+    assert anchored.x < deepest.x and anchored.y < deepest.y
+    assert expert_anchors(manifest)["lesion"][0].anchor == pytest.approx((16 / 56, 28 / 56), abs=0.03)
+    saved.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="anchor_modes.json"):
+        expert_anchors(saved)
+    with pytest.raises(ConfigError, match="anchor_from"):
+        from_mapping(GRPORunConfig, {"anchor_from": str(tmp_path / "missing.json")})
+    with pytest.raises(ConfigError, match="anchor_modes"):
+        from_mapping(GRPORunConfig, {"anchor_modes": 0})
+
+
 def test_grpo_observes_as_the_policy_it_starts_from(tmp_path):
     """A policy trained with the points listed keeps them in GRPO: the rollouts and the step rows list them."""
     import shutil

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="trajectory JSONL to write")
     p.add_argument("--anchor-from", type=Path, metavar="MANIFEST",
                    help="anchor the expert's clicks where each target name is most often found in this manifest's "
-                   "masks (e.g. the training manifest itself; what `train tiny` does); default: the deepest point")
+                   "masks (e.g. the training manifest itself; what `train tiny` does), or take the anchors saved in "
+                   "a JSON file (`train tiny`'s DIR/anchor_modes.json); default: the deepest point")
     p.add_argument("--anchor-clicks", choices=("first", "all"), default="first",
                    help="with --anchor-from: anchor each target's first click only (default) or every click")
     p.add_argument("--anchor-modes", type=int, choices=range(1, 9), default=1, metavar="N",
@@ -230,10 +231,9 @@ def _run_oracle(args: argparse.Namespace):  # noqa: ANN202
     tool = _load_tool(args.tool, args.device)
     anchors = None
     if getattr(args, "anchor_from", None):
-        from ibisagent.data.manifest import click_anchor_modes, click_anchors
+        from ibisagent.data.manifest import expert_anchors
 
-        anchors = (click_anchors(args.anchor_from) if args.anchor_modes == 1
-                   else click_anchor_modes(args.anchor_from, args.anchor_modes))
+        anchors = expert_anchors(args.anchor_from, args.anchor_modes)
     return run_oracle(args.manifest, tool, iou_stop=args.iou_stop, max_steps=args.max_clicks, rule=args.rule,
                       progress=not args.no_progress, anchors=anchors,
                       anchor_clicks=getattr(args, "anchor_clicks", "first"))

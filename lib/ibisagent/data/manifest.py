@@ -281,12 +281,6 @@ def _mask(case: Case, path: Path, image: Image) -> np.ndarray:
         raise CaseError(case.id, path, str(exc), case.line) from exc
 
 
-def click_anchors(path: str | os.PathLike[str]) -> dict[str, tuple[float, float]]:
-    """Each target name's click anchor over a manifest's masks (:func:`ibisagent.clicks.click_anchor`): target name
-    (case-folded) → relative ``(x, y)``. Lines and cases that fail to load are left out, with a warning."""
-    return {name: found[0].anchor for name, found in click_anchor_modes(path, max_modes=1).items()}
-
-
 def click_anchor_modes(path: str | os.PathLike[str] | TargetLayouts, max_modes: int,
                        seed: int = 0) -> dict[str, list[AnchorMode]]:
     """Each target name's appearance modes over a manifest's images and masks (:func:`ibisagent.clicks.anchor_modes`;
@@ -297,6 +291,31 @@ def click_anchor_modes(path: str | os.PathLike[str] | TargetLayouts, max_modes: 
     layouts = target_layouts(path) if isinstance(path, (str, os.PathLike)) else path
     return {name: anchor_modes_from_layouts(*found, max_modes=max_modes, seed=seed)
             for name, found in layouts.items()}
+
+
+def expert_anchors(path: str | os.PathLike[str], max_modes: int = 1, seed: int = 0) -> dict[str, list[AnchorMode]]:
+    """The simulated expert's click anchors (``OraclePolicy(anchors=…)``), from a manifest or a saved set of modes.
+
+    ``path`` is either a manifest (each target name's appearance modes over its masks, up to ``max_modes``:
+    :func:`click_anchor_modes`, what ``simulate --anchor-from`` does) or a ``.json`` file of saved modes (target name
+    → list of :meth:`ibisagent.clicks.AnchorMode.to_json`, as ``train tiny`` writes ``DIR/anchor_modes.json``), so a
+    later stage anchors its expert exactly as the SFT data's was. Returns target name (case-folded) → modes.
+
+    Raises:
+        ValueError: a JSON file that is not that mapping, naming the file.
+    """
+    from ibisagent.clicks import AnchorMode
+
+    source = Path(path)
+    if source.suffix.lower() != ".json":
+        return click_anchor_modes(source, max_modes, seed)
+    try:
+        saved = json.loads(source.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise TypeError(f"expected a JSON object, got {type(saved).__name__}")
+        return {str(name).casefold(): [AnchorMode.from_json(mode) for mode in modes] for name, modes in saved.items()}
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{source}: not a set of click anchor modes (target name → modes): {exc}") from exc
 
 
 #: Target name → (image thumbnails, mask occupancies, source case ids) of its non-empty masks (:func:`target_layouts`).

@@ -28,6 +28,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ibisagent.observation import DEFAULT_MIN_PIXELS
+
 #: Bump when the recipe changes so that caches built by older code are not reused.
 TINY_VERSION = 2
 
@@ -40,8 +42,9 @@ TINY_VERSION = 2
 #: the real-MRI tuning set with a trainable vision tower: docs/TRAINING.md.
 TINY_ROPE_THETA = 10.0
 
-#: Pixel budget of the tiny model's image processor: 2×2 to 8×8 merged tokens (56×56 … 224×224 px).
-TINY_MIN_PIXELS = 56 * 56
+#: Pixel budget of the tiny model's image processor: 2×2 to 8×8 merged tokens (56×56 … 224×224 px); the floor is
+#: Qwen2.5-VL's own (:data:`ibisagent.observation.DEFAULT_MIN_PIXELS`).
+TINY_MIN_PIXELS = DEFAULT_MIN_PIXELS
 TINY_MAX_PIXELS = 224 * 224
 
 #: Qwen2.5-VL's special tokens, in Qwen's order (ids follow the BPE vocabulary, so they are small here).

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ibisagent.observation import DEFAULT_MIN_PIXELS as QWEN_MIN_PIXELS
 from ibisagent.policies.base import (
     Generation,
     GenerationOptions,
@@ -36,8 +37,9 @@ VLLM_MISSING = (
     "(or serve the checkpoint with `vllm serve PATH` elsewhere and use the policy 'openai:http://HOST:PORT/v1#PATH')"
 )
 
-#: Qwen2.5-VL's processor defaults, used when the checkpoint's preprocessor config does not say.
-DEFAULT_MIN_PIXELS = 56 * 56
+#: Qwen2.5-VL's processor defaults, used when the checkpoint's preprocessor config does not say: its smallest image
+#: (:data:`ibisagent.observation.DEFAULT_MIN_PIXELS`) and its processor's largest (not the authors' policy budget).
+DEFAULT_MIN_PIXELS = QWEN_MIN_PIXELS
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 
 

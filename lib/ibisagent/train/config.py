@@ -106,6 +106,18 @@ class GRPORunConfig(TrainCommon):
     prompts: str | None = field(
         default=None, metadata={"help": "prompt wording TOML (as `--prompts` at inference); default the project's"}
     )
+    anchor_from: str | None = field(
+        default=None,
+        metadata={"help": "anchors of the simulated expert that makes the rows (its turns give step mode's states and "
+                          "every row's optimal step count), as `simulate --anchor-from`: a manifest, or the anchors "
+                          "JSON `train tiny` saves (DIR/anchor_modes.json); give what the SFT data's expert had. "
+                          "Default: no anchor, the deepest point"},
+    )
+    anchor_modes: int = field(default=1, metadata={"help": "with anchor_from a manifest: most appearance modes per "
+                                                           "target (as `simulate --anchor-modes`)"})
+    anchor_clicks: Literal["first", "all"] = field(
+        default="first", metadata={"help": "with anchor_from: anchor each target's first click only, or every click"}
+    )
     optimal_steps: int = field(default=3, metadata={"help": "length reward: turns without penalty by default"})
     rewards: dict[str, float] = field(
         default_factory=lambda: {"format": 1.0, "answer": 1.0, "click": 1.0, "progress": 1.0, "length": 1.0},
@@ -155,6 +167,12 @@ def check(config: C, where: str = "") -> C:
         raise ConfigError(f"{where}time_decay needs max_seconds (the time budget the learning rate decays over)")
     if getattr(config, "weight_decay", 0.0) < 0:
         raise ConfigError(f"{where}weight_decay must be ≥ 0, got {config.weight_decay}")
+    if not 1 <= getattr(config, "anchor_modes", 1) <= 8:
+        raise ConfigError(f"{where}anchor_modes must be 1–8, got {config.anchor_modes}")
+    if getattr(config, "anchor_clicks", "first") not in ("first", "all"):
+        raise ConfigError(f"{where}anchor_clicks must be 'first' or 'all', got {config.anchor_clicks!r}")
+    if getattr(config, "anchor_from", None) and not Path(config.anchor_from).is_file():
+        raise ConfigError(f"{where}anchor_from: no such file: {config.anchor_from}")
     if getattr(config, "first_turn_repeats", 1) < 1:
         raise ConfigError(f"{where}first_turn_repeats must be ≥ 1, got {config.first_turn_repeats}")
     if getattr(config, "train_vision", False) and config.lora.enabled:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ibisagent.observation import DEFAULT_MIN_PIXELS, GRID_FACTOR
 from ibisagent.rewards import Episode, Turn, episode_from_env
 
 
@@ -37,9 +38,9 @@ class EnvSettings:
     tool: str = "embedded"
     history: str = "full"
     max_steps: int = 6
-    min_pixels: int = 56 * 56
+    min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = 224 * 224
-    factor: int = 28
+    factor: int = GRID_FACTOR
     prompts: str | None = None
     show_points: bool = False
 

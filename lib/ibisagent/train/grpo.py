@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ibisagent.clicks import DEFAULT_MAX_CLICKS
+from ibisagent.data.manifest import expert_anchors
 from ibisagent.train.common import (
     POLICY,
     last_checkpoint,
@@ -78,14 +80,17 @@ def prompt_of(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     return prompt, images
 
 
-def oracle_turns(env: Any, max_turns: int = DEFAULT_MAX_CLICKS) -> list[str]:
+def oracle_turns(env: Any, max_turns: int = DEFAULT_MAX_CLICKS, anchors: Mapping[str, Any] | None = None,
+                 anchor_clicks: Literal["first", "all"] = "first") -> list[str]:
     """The simulated expert's turns on a reset environment with ground truth, played to the end or to ``max_turns``
     turns (the simulator's click budget: step mode's environment has no step limit of its own, and an expert that
-    never reaches its IoU stop — a thin ribbon — would otherwise click on without end)."""
+    never reaches its IoU stop — a thin ribbon — would otherwise click on without end). ``anchors`` /
+    ``anchor_clicks``: the expert's click anchors (:class:`ibisagent.policies.oracle.OraclePolicy`), so that the
+    states match those of the SFT data's expert."""
     from ibisagent.policies.base import GenerationOptions
     from ibisagent.policies.oracle import OraclePolicy
 
-    oracle = OraclePolicy(env.ground_truth)
+    oracle = OraclePolicy(env.ground_truth, anchors=anchors, anchor_clicks=anchor_clicks)
     observation = env.observation
     turns: list[str] = []
     while not env.done and len(turns) < max_turns:
@@ -98,8 +103,10 @@ def oracle_turns(env: Any, max_turns: int = DEFAULT_MAX_CLICKS) -> list[str]:
 
 
 def build_rows(manifest: str | os.PathLike[str], mode: str, settings: EnvSettings,
-               case_ids: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """GRPO rows for the cases of ``manifest`` (all, or ``case_ids``).
+               case_ids: list[str] | None = None, progress: bool = True, anchors: Mapping[str, Any] | None = None,
+               anchor_clicks: Literal["first", "all"] = "first") -> list[dict[str, Any]]:
+    """GRPO rows for the cases of ``manifest`` (all, or ``case_ids``), from the simulated expert's turns (anchored by
+    ``anchors`` / ``anchor_clicks`` as in :func:`oracle_turns`).
 
     Columns: ``prompt`` + ``images`` (the environment's observation for the state the policy acts from),
     ``manifest``, ``case_id``, ``history`` (JSON list of replayed expert turns; step mode), ``optimal_steps`` (the
@@ -118,7 +125,7 @@ def build_rows(manifest: str | os.PathLike[str], mode: str, settings: EnvSetting
         if env is None:
             continue
         env.reset()
-        expert = oracle_turns(env)
+        expert = oracle_turns(env, anchors=anchors, anchor_clicks=anchor_clicks)
         common = {"manifest": manifest, "case_id": case.id, "optimal_steps": max(1, len(expert)),
                   "expected_answer": case.answer or ""}
         # one pass over the expert's turns: the state before turn k is a row (rollout: the first state only)
@@ -213,7 +220,8 @@ def run_grpo(
     model_path = resolve_model(config.model)
     processor = load_processor(model_path, config)
     settings = env_settings(config, processor, model_path)
-    rows = build_rows(manifest, config.mode, settings, case_ids, progress)
+    anchors = expert_anchors(config.anchor_from, config.anchor_modes, config.seed) if config.anchor_from else None
+    rows = build_rows(manifest, config.mode, settings, case_ids, progress, anchors, config.anchor_clicks)
     if not rows:
         raise ValueError(f"no GRPO rows from {manifest} (no case with a target?)")
     prompts = config.batch_size * config.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))

@@ -8,8 +8,8 @@ their last checkpoint):
    ``extra`` manifests) are trained on → ``DIR/train.jsonl``; the split → ``DIR/split.json``;
 2. **augmentation and trajectories**: random variants of the training cases (:mod:`ibisagent.data.augment`; as many
    as the budget affords, :data:`CASES_PER_MINUTE`) → ``DIR/augmented``; each target name's click anchor over them
-   (:func:`ibisagent.data.manifest.click_anchors`) → ``DIR/anchors.json``, and its appearance modes, each with its
-   own anchor (:data:`ANCHOR_MODES`, :func:`ibisagent.data.manifest.click_anchor_modes`) → ``DIR/anchor_modes.json``;
+   (:func:`ibisagent.data.manifest.click_anchor_modes` with one mode) → ``DIR/anchors.json``, and its appearance
+   modes, each with its own anchor (up to :data:`ANCHOR_MODES`) → ``DIR/anchor_modes.json``;
    the simulated expert with anchored clicks (:data:`ANCHOR_CLICKS`; the anchor of the mode the image is nearest) on
    the training cases and their variants → ``DIR/trajectories.jsonl``;
 3. **SFT data** with reflective samples (``ibisagent.data.sft.build_sft``, history ``off`` as the product runs,
@@ -337,9 +337,8 @@ def run_recipe(
     tool: str = "embedded",
 ) -> dict[str, Any]:
     """Run the recipe (see the module docstring); returns the report (also ``DIR/report.json``)."""
-    from ibisagent.clicks import AnchorMode
     from ibisagent.data.augment import augment_manifest
-    from ibisagent.data.manifest import click_anchor_modes, target_layouts
+    from ibisagent.data.manifest import click_anchor_modes, expert_anchors, target_layouts
     from ibisagent.data.reflect import ReflectiveRatios
     from ibisagent.data.sft import build_sft
     from ibisagent.policies.tiny import TINY_MIN_PIXELS, build_tiny_qwen2_5_vl
@@ -383,8 +382,7 @@ def run_recipe(
         atomic_write_text(anchors_path, json.dumps({name: found[0].anchor for name, found in single.items()}, indent=1))
         atomic_write_text(modes_path, json.dumps({name: [m.to_json() for m in found] for name, found in moded.items()}))
     anchors = {name: tuple(xy) for name, xy in json.loads(anchors_path.read_text(encoding="utf-8")).items()}
-    modes = {name: [AnchorMode.from_json(m) for m in found]
-             for name, found in json.loads(modes_path.read_text(encoding="utf-8")).items()}
+    modes = expert_anchors(modes_path)
     trajectories = out / "trajectories.jsonl"
     if not trajectories.is_file():
         from ibisagent.data.trajectory import write_trajectories
@@ -428,7 +426,8 @@ def run_recipe(
                                 time_decay=True, num_generations=GRPO_GENERATIONS,
                                 batch_size=max(1, min(GRPO_BATCH, sum(1 for x in train_lines if x.get("targets")))),
                                 max_turns=GRPO_MAX_TURNS,
-                                max_completion_length=2048, save_steps=20, seed=seed, tool=tool)
+                                max_completion_length=2048, save_steps=20, seed=seed, tool=tool,
+                                anchor_from=str(modes_path), anchor_clicks=ANCHOR_CLICKS)
     grpo_policy = out / "grpo" / "policy"
     if not (grpo_policy / "config.json").is_file():
         run_grpo(grpo_config, train_manifest, out / "grpo", progress=progress)
