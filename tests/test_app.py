@@ -6,6 +6,7 @@ correction loop, error statuses, concurrency — not segmentation quality (excep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -61,11 +62,11 @@ def _write_tilted_ct(path: Path) -> None:
     nib.save(nii, str(path))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    base = tmp_path_factory.mktemp("app")
+@contextlib.contextmanager
+def _serve(base: Path, *conf: str) -> Iterator[Server]:
+    """The app on a loopback port over a copy of the sample studies, with ``--conf`` pairs ``conf`` added."""
     studies = base / "studies"
-    studies.mkdir()
+    studies.mkdir(parents=True)
     shutil.copy(SAMPLES / "ct_volume.nii.gz", studies / "ct_volume.nii.gz")
     shutil.copy(SAMPLES / "ct_abdomen.png", studies / "ct_abdomen.png")
     _write_tilted_ct(studies / "tilted_ct.nii.gz")
@@ -76,7 +77,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(ROOT / "apps" / "ibisagent"),
            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
            "--conf", "policy", "tiny", "--conf", "tool", "embedded", "--conf", "max_steps", "3",
-           "--conf", "threads", "1"]
+           "--conf", "threads", "1", *conf]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     srv = Server(f"http://127.0.0.1:{port}", studies, proc, log)
@@ -96,6 +97,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield srv
     finally:
         stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with _serve(tmp_path_factory.mktemp("app")) as srv:
+        yield srv
 
 
 def _status(exc: MONAILabelClientException) -> int:
@@ -273,3 +280,21 @@ def test_training_without_data_fails_clearly_instead_of_faking_success(server: S
     assert r.status_code >= 400
     time.sleep(0.5)
     assert "needs a manifest" in server.log_tail(200) + r.text
+
+
+def test_the_nth_saved_correction_starts_training_and_the_reply_says_which_task(tmp_path: Path) -> None:
+    """With ``auto_train_every``, the save that completes a batch of corrections enqueues MONAI Label's
+    ``ibisagent_sft`` task; the save's reply names that task (id, status) as plain JSON — MONAI Label's own task
+    dict carries a live log deque and must not be sent — and the task is the one MONAI Label's /train/ reports."""
+    with _serve(tmp_path / "auto", "--conf", "auto_train_every", "1") as server:
+        client = server.client(tmp_path)
+        client.infer("ibisagent", "ct_abdomen", {"instruction": "Segment the liver.", "max_steps": 1})
+        corrected = tmp_path / "ct_abdomen_final.png"
+        shutil.copy(SAMPLES / "ct_liver.png", corrected)
+        response = client.save_label("ct_abdomen", str(corrected), tag="final")
+        assert response["corrections_added"] == 1 and response["corrections_total"] == 1, response
+        training = response["training"]
+        assert set(training) >= {"id", "status"} and training["status"] in {"SUBMITTED", "RUNNING", "DONE"}, training
+        tasks = requests.get(f"{server.url}/train/", params={"check_if_running": False}, timeout=30).json()
+        listed = tasks if isinstance(tasks, list) else [tasks]
+        assert training["id"] in {t.get("id") for t in listed}, tasks
