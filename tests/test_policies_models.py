@@ -299,6 +299,7 @@ def test_a_checkpoint_is_run_the_way_its_folder_says_it_was_trained(tiny_dir: Pa
     from ibisagent.agent import AgentConfig, AgentJob, make_env
     from ibisagent.env import OBSERVATION_FILE, write_observation
     from ibisagent.policies.hf import HFPolicy
+    from ibisagent.policies.openai import OpenAIPolicy
     from ibisagent.tools import load_tool
 
     image = _image(56, 56, 0)
@@ -313,9 +314,16 @@ def test_a_checkpoint_is_run_the_way_its_folder_says_it_was_trained(tiny_dir: Pa
     assert policy.observation_settings() == {"show_points": True}
     assert make_env(policy, job).config.show_points  # no flag needed
     assert not make_env(policy, job, AgentConfig(show_points=False)).config.show_points  # an explicit choice wins
+    # served by `vllm serve PATH` / `transformers serve` beside the client, the model name is the folder: same record
+    with OpenAIPolicy("http://127.0.0.1:9/v1", str(trained)) as served:
+        assert served.observation_settings() == {"show_points": True} and make_env(served, job).config.show_points
+    with OpenAIPolicy("http://127.0.0.1:9/v1", "ibisagent-policy") as remote:  # a name, no folder here: none
+        assert remote.observation_settings() == {} and not make_env(remote, job).config.show_points
     (trained / OBSERVATION_FILE).write_text('{"observation": {"show_point": true}}')
     with pytest.raises(PolicyError, match="unknown observation setting.*show_point"):
         HFPolicy(trained, device="cpu")
+    with pytest.raises(PolicyError, match="openai:.*unknown observation setting"):
+        OpenAIPolicy("http://127.0.0.1:9/v1", str(trained))
 
 
 # ----------------------------------------------------------------------------- openai: against transformers serve

@@ -30,12 +30,21 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from ibisagent.policies.base import Conversation, Generation, GenerationOptions, Policy, PolicyError, PolicyRequest
+from ibisagent.policies.base import (
+    Conversation,
+    Generation,
+    GenerationOptions,
+    Policy,
+    PolicyError,
+    PolicyRequest,
+    checkpoint_observation,
+)
 
 #: HTTP statuses worth retrying (rate limit, server overload or restart).
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -179,7 +188,10 @@ class OpenAIPolicy(Policy):
 
     Args:
         base_url: the API root, e.g. ``http://127.0.0.1:8000/v1`` (``/v1`` is added when the URL has no path).
-        model: the served model name (``vllm serve`` uses the checkpoint path unless ``--served-model-name``).
+        model: the served model name (``vllm serve`` uses the checkpoint path unless ``--served-model-name``). When
+            it is a checkpoint folder on this machine (``vllm serve PATH`` / ``transformers serve`` beside the
+            client), the observation settings that folder records are applied, as for ``hf:PATH``
+            (:meth:`observation_settings`); a name that is no local folder records none.
         api_key: bearer token; default ``$OPENAI_API_KEY``, else ``"EMPTY"`` (what local servers expect).
         timeout: seconds per request, all retries included.
         retries: extra attempts after a connection error, a timeout or a retryable status (429, 5xx).
@@ -202,6 +214,7 @@ class OpenAIPolicy(Policy):
         self.base_url = normalise_base_url(base_url)
         self.model = model
         self.name = f"openai:{self.base_url}#{model}"
+        self.observation = checkpoint_observation(model, self.name) if model and Path(model).is_dir() else {}
         self.url = self.base_url + "/chat/completions"
         self.timeout = float(timeout)
         self.retries = max(0, int(retries))
@@ -221,6 +234,11 @@ class OpenAIPolicy(Policy):
         """From the part of a policy spec after ``openai:`` (``URL#MODEL``)."""
         url, model = parse_openai_spec(rest)
         return cls(url, model, **kwargs)
+
+    def observation_settings(self) -> dict[str, Any]:
+        """What the served checkpoint's folder records of how it observes, when ``model`` is a folder on this machine
+        (:func:`ibisagent.env.read_observation`); else none."""
+        return dict(self.observation)
 
     def close(self) -> None:
         with self._pool_lock:
