@@ -177,9 +177,10 @@ def trainer_callbacks(out_dir: str | os.PathLike[str], max_seconds: float | None
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kw: Any):
             value = (logs or {}).get(metric)
-            if isinstance(value, (int, float)):
-                if self.best is None or (value < self.best if metric == "loss" else value > self.best):
-                    self.best = float(value)
+            if isinstance(value, (int, float)) and (
+                self.best is None or (value < self.best if metric == "loss" else value > self.best)
+            ):
+                self.best = float(value)
             seconds = int(time.monotonic() - self.start)
             record = {
                 "epoch": round(float(state.epoch or 0.0), 4),
