@@ -69,3 +69,15 @@ def test_split_by_image_keeps_every_image_on_one_side():
     assert len(test) == 4 and set(train).isdisjoint(test) and len(train) + len(test) == 20
     test_images = {t.split("-")[0] for t in test}
     assert all(t.split("-")[0] not in test_images for t in train)
+
+
+def test_cli_grpo_anchor_from_overrides_the_config_and_a_missing_file_stops_it_before_training(tmp_path):
+    """``train grpo --anchor-from`` reaches the run config (checked like a YAML key): a file that is not there is named
+    and nothing starts."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "lib")}
+    missing = tmp_path / "anchor_modes.json"
+    proc = subprocess.run([sys.executable, "-m", "ibisagent.cli", "train", "grpo", "--manifest",
+                           str(ROOT / "sample_data" / "manifest.jsonl"), "--out", str(tmp_path / "out"),
+                           "--anchor-from", str(missing)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and f"anchor_from: no such file: {missing}" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

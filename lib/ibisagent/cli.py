@@ -209,6 +209,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         else:
             s.add_argument("--manifest", type=Path, required=True, help="image–mask manifest (JSONL)")
             s.add_argument("--mode", choices=("step", "rollout"), help="GRPO mode (overrides the config)")
+            s.add_argument("--anchor-from", type=Path, metavar="MANIFEST|JSON",
+                           help="anchor the rows' simulated expert as the SFT data's was (`simulate --anchor-from`'s "
+                           "manifest, or `train tiny`'s DIR/anchor_modes.json; overrides the config's anchor_from)")
     s = stages.add_parser("tiny", help="manifest → trajectories → SFT data → SFT → GRPO rollout → report, on a CPU")
     s.add_argument("manifest", type=Path, help="image–mask manifest (JSONL); a part is held out by image")
     s.add_argument("--out", type=Path, required=True, help="run folder (DIR/policy, DIR/report.json, curves)")
@@ -612,6 +615,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ibisagent.train.grpo import run_grpo
 
     overrides["mode"] = args.mode
+    overrides["anchor_from"] = str(args.anchor_from) if args.anchor_from else None
     policy, _ = run_grpo(load_config(GRPORunConfig, args.config, overrides), args.manifest, args.out,
                          resume=not args.no_resume)
     print(f"policy: {policy}")
