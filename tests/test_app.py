@@ -286,7 +286,7 @@ def test_the_nth_saved_correction_starts_training_and_the_reply_says_which_task(
     """With ``auto_train_every``, the save that completes a batch of corrections enqueues MONAI Label's
     ``ibisagent_sft`` task; the save's reply names that task (id, status) as plain JSON — MONAI Label's own task
     dict carries a live log deque and must not be sent — and the task is the one MONAI Label's /train/ reports."""
-    with _serve(tmp_path / "auto", "--conf", "auto_train_every", "1") as server:
+    with _serve(tmp_path / "auto", "--conf", "auto_train_every", "1", "--conf", "train_minutes", "1") as server:
         client = server.client(tmp_path)
         client.infer("ibisagent", "ct_abdomen", {"instruction": "Segment the liver.", "max_steps": 1})
         corrected = tmp_path / "ct_abdomen_final.png"

@@ -159,8 +159,9 @@ def test_step_rows_are_the_states_before_each_expert_turn_within_the_click_budge
 
 
 def test_grpo_rows_replay_the_expert_anchored_as_the_sft_data_was(tmp_path):
-    """The rows' expert takes the click anchors the SFT data's expert had (``anchor_from``: the JSON ``train tiny``
-    saves, or a manifest), so step mode's states are the ones SFT trained on; without it, the deepest point."""
+    """The rows' expert is the SFT data's: the run config's ``anchor_from`` (the JSON ``train tiny`` saves, or a
+    manifest as ``simulate --anchor-from`` takes), ``anchor_clicks`` and ``expert_max_clicks``, so step mode's states
+    and every row's optimal step count are the ones SFT trained on; without them, the deepest point."""
     import numpy as np
 
     from ibisagent.clicks import LAYOUT_GRID, AnchorMode
@@ -168,34 +169,37 @@ def test_grpo_rows_replay_the_expert_anchored_as_the_sft_data_was(tmp_path):
     from ibisagent.protocol import parse_response
     from ibisagent.train.config import ConfigError, GRPORunConfig, from_mapping
     from ibisagent.train.environment import EnvSettings
-    from ibisagent.train.grpo import build_rows
+    from ibisagent.train.grpo import config_rows
 
     manifest = write_manifest(tmp_path / "data", cases=1)
     saved = tmp_path / "anchor_modes.json"
     corner = AnchorMode(anchor=(0.0, 0.0), prototype=np.zeros((LAYOUT_GRID, LAYOUT_GRID), np.float32))
     saved.write_text(json.dumps({"Lesion": [corner.to_json()]}))
-    config = from_mapping(GRPORunConfig, {"anchor_from": str(saved), "anchor_clicks": "first", "mode": "step"})
     settings = EnvSettings(history="off", max_steps=10**6)
 
-    def first_click(anchors):
-        rows = build_rows(manifest, "step", settings, ["c0"], progress=False, anchors=anchors,
-                          anchor_clicks=config.anchor_clicks)
-        return parse_response(json.loads(rows[1]["history"])[0]).clicks[0]
+    def rows(**keys):
+        return config_rows(from_mapping(GRPORunConfig, {"mode": "step", **keys}), manifest, settings, ["c0"],
+                           progress=False)
 
-    anchored = first_click(expert_anchors(config.anchor_from, config.anchor_modes))
-    deepest = first_click(None)
+    def first_click(found):
+        return parse_response(json.loads(found[1]["history"])[0]).clicks[0]
+
+    anchored, deepest = first_click(rows(anchor_from=str(saved))), first_click(rows())
     # the 12-px square of c0 spans x 10–21, y 22–33 (of 56 px): the anchored click is in its upper-left part, the
     # deepest point at its centre
-    assert (anchored.x, anchored.y) != (deepest.x, deepest.y)
     assert anchored.x < deepest.x and anchored.y < deepest.y
+    assert len(rows(expert_max_clicks=1)) == 1 < len(rows())  # the expert's click budget: one turn, one row
+    # a manifest: the anchor where the target is most often found (c0's square is centred at (16, 28) of 56 px)
     assert expert_anchors(manifest)["lesion"][0].anchor == pytest.approx((16 / 56, 28 / 56), abs=0.03)
-    saved.write_text("[1, 2]")
-    with pytest.raises(ValueError, match="anchor_modes.json"):
-        expert_anchors(saved)
-    with pytest.raises(ConfigError, match="anchor_from"):
-        from_mapping(GRPORunConfig, {"anchor_from": str(tmp_path / "missing.json")})
-    with pytest.raises(ConfigError, match="anchor_modes"):
-        from_mapping(GRPORunConfig, {"anchor_modes": 0})
+    for broken in ("[1, 2]", '{"lesion": []}'):
+        saved.write_text(broken)
+        with pytest.raises(ValueError, match="anchor_modes.json"):
+            expert_anchors(saved)
+    for keys, named in (({"anchor_from": str(tmp_path / "missing.json")}, "anchor_from"),
+                        ({"anchor_modes": 0}, "anchor_modes"), ({"anchor_clicks": "some"}, "anchor_clicks"),
+                        ({"expert_max_clicks": 0}, "expert_max_clicks")):
+        with pytest.raises(ConfigError, match=named):
+            from_mapping(GRPORunConfig, keys)
 
 
 def test_grpo_observes_as_the_policy_it_starts_from(tmp_path):

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from ibisagent.env import read_observation
-from ibisagent.train.recipe import ANCHOR_MODES
+from ibisagent.train.recipe import ANCHOR_CLICKS, ANCHOR_MODES, EXPERT_MAX_CLICKS
 from train_data import write_manifest
 
 pytest.importorskip("trl")
@@ -55,6 +55,10 @@ def test_train_tiny_writes_a_policy_and_a_report_and_a_restart_keeps_the_recorde
     assert report["data"]["anchor_modes"] == {name: [m["anchor"] for m in found] for name, found in modes.items()}
     assert report["sft"]["steps"] > 0 and report["sft"]["last_loss"] < report["sft"]["first_loss"]
     assert report["grpo"]["steps"] > 0
+    # GRPO's rows were made by the SFT data's expert: the same anchors, anchored clicks and click budget
+    grpo_config = json.loads((out / "grpo" / "grpo_config.json").read_text())
+    assert grpo_config["anchor_from"] == str(out / "anchor_modes.json")
+    assert grpo_config["anchor_clicks"] == ANCHOR_CLICKS and grpo_config["expert_max_clicks"] == EXPERT_MAX_CLICKS
     assert (out / "curves.png").stat().st_size > 0 and (out / "policy" / "config.json").is_file()
     assert (out / "eval_sft" / "trajectories.jsonl").is_file()  # the held-out clicks, to look at
     # the policy lists its points in refinement turns (SFT rows, GRPO) and says so, so `hf:` runs it that way

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="simulate expert click trajectories for a manifest (JSONL out)")
     p.add_argument("manifest", type=Path)
     p.add_argument("--out", type=Path, required=True, help="trajectory JSONL to write")
-    p.add_argument("--anchor-from", type=Path, metavar="MANIFEST",
+    p.add_argument("--anchor-from", type=Path, metavar="MANIFEST|JSON",
                    help="anchor the expert's clicks where each target name is most often found in this manifest's "
                    "masks (e.g. the training manifest itself; what `train tiny` does), or take the anchors saved in "
                    "a JSON file (`train tiny`'s DIR/anchor_modes.json); default: the deepest point")
@@ -212,6 +212,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
             s.add_argument("--anchor-from", type=Path, metavar="MANIFEST|JSON",
                            help="anchor the rows' simulated expert as the SFT data's was (`simulate --anchor-from`'s "
                            "manifest, or `train tiny`'s DIR/anchor_modes.json; overrides the config's anchor_from)")
+            s.add_argument("--anchor-modes", type=int, metavar="N", help="with --anchor-from a manifest: as "
+                           "`simulate --anchor-modes` (overrides the config's anchor_modes)")
+            s.add_argument("--anchor-clicks", choices=("first", "all"), help="with --anchor-from: as "
+                           "`simulate --anchor-clicks` (overrides the config's anchor_clicks)")
+            s.add_argument("--expert-max-clicks", type=int, metavar="N", help="the rows' expert's click budget, as "
+                           "`simulate --max-clicks` (overrides the config's expert_max_clicks)")
     s = stages.add_parser("tiny", help="manifest → trajectories → SFT data → SFT → GRPO rollout → report, on a CPU")
     s.add_argument("manifest", type=Path, help="image–mask manifest (JSONL); a part is held out by image")
     s.add_argument("--out", type=Path, required=True, help="run folder (DIR/policy, DIR/report.json, curves)")
@@ -615,7 +621,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ibisagent.train.grpo import run_grpo
 
     overrides["mode"] = args.mode
-    overrides["anchor_from"] = str(args.anchor_from) if args.anchor_from else None
+    overrides.update({"anchor_from": str(args.anchor_from) if args.anchor_from else None,
+                      "anchor_modes": args.anchor_modes, "anchor_clicks": args.anchor_clicks,
+                      "expert_max_clicks": args.expert_max_clicks})
     policy, _ = run_grpo(load_config(GRPORunConfig, args.config, overrides), args.manifest, args.out,
                          resume=not args.no_resume)
     print(f"policy: {policy}")

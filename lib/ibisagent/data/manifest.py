@@ -313,7 +313,11 @@ def expert_anchors(path: str | os.PathLike[str], max_modes: int = 1, seed: int =
         saved = json.loads(source.read_text(encoding="utf-8"))
         if not isinstance(saved, dict):
             raise TypeError(f"expected a JSON object, got {type(saved).__name__}")
-        return {str(name).casefold(): [AnchorMode.from_json(mode) for mode in modes] for name, modes in saved.items()}
+        found = {str(name).casefold(): [AnchorMode.from_json(mode) for mode in modes] for name, modes in saved.items()}
+        empty = sorted(name for name, modes in found.items() if not modes)
+        if empty:
+            raise ValueError(f"no mode for {empty}")
+        return found
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{source}: not a set of click anchor modes (target name → modes): {exc}") from exc
 

@@ -18,6 +18,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,9 @@ class Policy(ABC):
 
     #: Short name for reports, e.g. ``"oracle"``, ``"hf:/models/ibis7b"``.
     name: str
+    #: What the policy's checkpoint folder records of how it observes (:func:`checkpoint_observation`), set by
+    #: policies that load one; :meth:`observation_settings` returns a copy.
+    observation: Mapping[str, Any] = MappingProxyType({})
 
     def image_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) this policy wants images resized to (default: unchanged)."""
@@ -98,8 +102,8 @@ class Policy(ABC):
     def observation_settings(self) -> Mapping[str, Any]:
         """The environment settings this policy was trained to observe with (fields of
         :data:`ibisagent.env.OBSERVATION_FIELDS`, e.g. ``{"show_points": True}``); drivers apply them unless told
-        otherwise. Default: none (the environment's defaults)."""
-        return {}
+        otherwise. Default: none (the environment's defaults); a checkpoint policy, what its folder records."""
+        return dict(self.observation)
 
     @abstractmethod
     def generate(self, requests: Sequence[PolicyRequest], options: GenerationOptions) -> list[Generation]:

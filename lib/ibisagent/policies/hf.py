@@ -132,10 +132,6 @@ class HFPolicy(Policy):
 
     # ------------------------------------------------------------------ geometry
 
-    def observation_settings(self) -> dict[str, Any]:
-        """What the checkpoint folder records of how it observes (:func:`ibisagent.env.read_observation`)."""
-        return dict(self.observation)
-
     def image_size(self, height: int, width: int) -> tuple[int, int]:
         """The processor's own smart resize: multiples of 28 with ``min_pixels ≤ h·w ≤ max_pixels``."""
         from ibisagent.observation import qwen_grid

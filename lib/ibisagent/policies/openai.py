@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import random
 import threading
@@ -45,6 +46,8 @@ from ibisagent.policies.base import (
     PolicyRequest,
     checkpoint_observation,
 )
+
+logger = logging.getLogger(__name__)
 
 #: HTTP statuses worth retrying (rate limit, server overload or restart).
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -214,7 +217,10 @@ class OpenAIPolicy(Policy):
         self.base_url = normalise_base_url(base_url)
         self.model = model
         self.name = f"openai:{self.base_url}#{model}"
-        self.observation = checkpoint_observation(model, self.name) if model and Path(model).is_dir() else {}
+        if model and Path(model).is_dir():
+            self.observation = checkpoint_observation(model, self.name)
+            if self.observation:
+                logger.info("%s: observing as the folder %s records: %s", self.name, model, self.observation)
         self.url = self.base_url + "/chat/completions"
         self.timeout = float(timeout)
         self.retries = max(0, int(retries))
@@ -234,11 +240,6 @@ class OpenAIPolicy(Policy):
         """From the part of a policy spec after ``openai:`` (``URL#MODEL``)."""
         url, model = parse_openai_spec(rest)
         return cls(url, model, **kwargs)
-
-    def observation_settings(self) -> dict[str, Any]:
-        """What the served checkpoint's folder records of how it observes, when ``model`` is a folder on this machine
-        (:func:`ibisagent.env.read_observation`); else none."""
-        return dict(self.observation)
 
     def close(self) -> None:
         with self._pool_lock:

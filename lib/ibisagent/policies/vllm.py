@@ -125,10 +125,6 @@ class VLLMPolicy(Policy):
         self._SamplingParams = vllm.SamplingParams
         self._lock = threading.Lock()  # LLM is not re-entrant; one batch at a time, the batch is the parallelism
 
-    def observation_settings(self) -> dict[str, Any]:
-        """What the checkpoint folder records of how it observes (:func:`ibisagent.env.read_observation`)."""
-        return dict(self.observation)
-
     def image_size(self, height: int, width: int) -> tuple[int, int]:
         """Qwen's smart resize (multiples of 28 within the pixel budget), as vLLM's processor applies it."""
         from ibisagent.observation import qwen_grid

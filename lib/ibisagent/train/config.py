@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from ibisagent.clicks import DEFAULT_MAX_CLICKS
+
 #: LoRA targets: every linear layer of the *language model* only (vision tower and merger stay frozen). Anchored at
 #: ``model.language_model.layers`` because the usual name list also hits the vision MLP (NOTES-trl).
 LANGUAGE_LORA_TARGETS = (
@@ -118,6 +120,10 @@ class GRPORunConfig(TrainCommon):
     anchor_clicks: Literal["first", "all"] = field(
         default="first", metadata={"help": "with anchor_from: anchor each target's first click only, or every click"}
     )
+    expert_max_clicks: int = field(
+        default=DEFAULT_MAX_CLICKS,
+        metadata={"help": "the rows' expert's click budget per target, as `simulate --max-clicks` (train tiny: 10)"},
+    )
     optimal_steps: int = field(default=3, metadata={"help": "length reward: turns without penalty by default"})
     rewards: dict[str, float] = field(
         default_factory=lambda: {"format": 1.0, "answer": 1.0, "click": 1.0, "progress": 1.0, "length": 1.0},
@@ -167,8 +173,10 @@ def check(config: C, where: str = "") -> C:
         raise ConfigError(f"{where}time_decay needs max_seconds (the time budget the learning rate decays over)")
     if getattr(config, "weight_decay", 0.0) < 0:
         raise ConfigError(f"{where}weight_decay must be ≥ 0, got {config.weight_decay}")
-    if not 1 <= getattr(config, "anchor_modes", 1) <= 8:
-        raise ConfigError(f"{where}anchor_modes must be 1–8, got {config.anchor_modes}")
+    if getattr(config, "anchor_modes", 1) < 1:
+        raise ConfigError(f"{where}anchor_modes must be ≥ 1, got {config.anchor_modes}")
+    if getattr(config, "expert_max_clicks", 1) < 1:
+        raise ConfigError(f"{where}expert_max_clicks must be ≥ 1, got {config.expert_max_clicks}")
     if getattr(config, "anchor_clicks", "first") not in ("first", "all"):
         raise ConfigError(f"{where}anchor_clicks must be 'first' or 'all', got {config.anchor_clicks!r}")
     if getattr(config, "anchor_from", None) and not Path(config.anchor_from).is_file():

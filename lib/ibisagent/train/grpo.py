@@ -39,7 +39,7 @@ from ibisagent.train.common import (
     trainer_callbacks,
     training_arguments,
 )
-from ibisagent.train.config import GRPORunConfig, to_dict
+from ibisagent.train.config import GRPORunConfig, check, to_dict
 from ibisagent.train.environment import EnvSettings, factory, make_env, to_content_blocks
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,10 @@ def oracle_turns(env: Any, max_turns: int = DEFAULT_MAX_CLICKS, anchors: Mapping
 
 def build_rows(manifest: str | os.PathLike[str], mode: str, settings: EnvSettings,
                case_ids: list[str] | None = None, progress: bool = True, anchors: Mapping[str, Any] | None = None,
-               anchor_clicks: Literal["first", "all"] = "first") -> list[dict[str, Any]]:
+               anchor_clicks: Literal["first", "all"] = "first",
+               max_clicks: int = DEFAULT_MAX_CLICKS) -> list[dict[str, Any]]:
     """GRPO rows for the cases of ``manifest`` (all, or ``case_ids``), from the simulated expert's turns (anchored by
-    ``anchors`` / ``anchor_clicks`` as in :func:`oracle_turns`).
+    ``anchors`` / ``anchor_clicks``, at most ``max_clicks`` turns, as in :func:`oracle_turns`).
 
     Columns: ``prompt`` + ``images`` (the environment's observation for the state the policy acts from),
     ``manifest``, ``case_id``, ``history`` (JSON list of replayed expert turns; step mode), ``optimal_steps`` (the
@@ -125,7 +126,7 @@ def build_rows(manifest: str | os.PathLike[str], mode: str, settings: EnvSetting
         if env is None:
             continue
         env.reset()
-        expert = oracle_turns(env, anchors=anchors, anchor_clicks=anchor_clicks)
+        expert = oracle_turns(env, max_clicks, anchors, anchor_clicks)
         common = {"manifest": manifest, "case_id": case.id, "optimal_steps": max(1, len(expert)),
                   "expected_answer": case.answer or ""}
         # one pass over the expert's turns: the state before turn k is a row (rollout: the first state only)
@@ -138,6 +139,16 @@ def build_rows(manifest: str | os.PathLike[str], mode: str, settings: EnvSetting
             if mode == "step":
                 env.step(text)
     return rows
+
+
+def config_rows(config: GRPORunConfig, manifest: str | os.PathLike[str], settings: EnvSettings,
+                case_ids: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """:func:`build_rows` for a run config: its mode, and its expert as the SFT data's — anchored by ``anchor_from``
+    (:func:`ibisagent.data.manifest.expert_anchors`, fitted with seed 0 as ``simulate --anchor-from`` fits them),
+    ``anchor_modes``, ``anchor_clicks``, within ``expert_max_clicks``."""
+    anchors = expert_anchors(config.anchor_from, config.anchor_modes) if config.anchor_from else None
+    return build_rows(manifest, config.mode, settings, case_ids, progress, anchors, config.anchor_clicks,
+                      config.expert_max_clicks)
 
 
 def reward_functions() -> list[Any]:
@@ -215,13 +226,13 @@ def run_grpo(
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Build the rows, train, save ``out_dir/policy``; returns the policy path and the log history (with the mean of
     every reward per logged step). Resumes from the newest checkpoint in ``out_dir/checkpoints`` when ``resume``."""
+    check(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(config.model)
     processor = load_processor(model_path, config)
     settings = env_settings(config, processor, model_path)
-    anchors = expert_anchors(config.anchor_from, config.anchor_modes, config.seed) if config.anchor_from else None
-    rows = build_rows(manifest, config.mode, settings, case_ids, progress, anchors, config.anchor_clicks)
+    rows = config_rows(config, manifest, settings, case_ids, progress)
     if not rows:
         raise ValueError(f"no GRPO rows from {manifest} (no case with a target?)")
     prompts = config.batch_size * config.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))

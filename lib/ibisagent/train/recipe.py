@@ -16,7 +16,8 @@ their last checkpoint):
    refinement turns listing the points so far, :data:`SHOW_POINTS`) → ``DIR/sft_data``;
 4. **SFT** of a small Qwen2.5-VL built from a config with a tokenizer trained on the fly
    (:func:`ibisagent.policies.tiny.build_tiny_qwen2_5_vl`) → ``DIR/sft/policy``;
-5. **GRPO** in ``rollout`` mode from the SFT policy on the training cases → ``DIR/grpo/policy``;
+5. **GRPO** in ``rollout`` mode from the SFT policy on the training cases, the rows' expert anchored and limited as
+   in step 2 → ``DIR/grpo/policy``;
 6. **selection** of the stage to ship by the mean reward on the validation cases (:func:`select_stage`), and
    **evaluation** on the held-out cases after SFT and after GRPO (``ibisagent eval``, with the policy metrics), beside
    an **image-blind baseline**: each target name's mean first click over the training trajectories, the same for
@@ -427,7 +428,8 @@ def run_recipe(
                                 batch_size=max(1, min(GRPO_BATCH, sum(1 for x in train_lines if x.get("targets")))),
                                 max_turns=GRPO_MAX_TURNS,
                                 max_completion_length=2048, save_steps=20, seed=seed, tool=tool,
-                                anchor_from=str(modes_path), anchor_clicks=ANCHOR_CLICKS)
+                                anchor_from=str(modes_path), anchor_clicks=ANCHOR_CLICKS,
+                                expert_max_clicks=EXPERT_MAX_CLICKS)
     grpo_policy = out / "grpo" / "policy"
     if not (grpo_policy / "config.json").is_file():
         run_grpo(grpo_config, train_manifest, out / "grpo", progress=progress)
