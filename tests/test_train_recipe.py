@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from ibisagent.data.manifest import click_anchor_modes
 from ibisagent.env import read_observation
 from ibisagent.train.recipe import ANCHOR_CLICKS, ANCHOR_MODES, EXPERT_MAX_CLICKS
 from train_data import write_manifest
@@ -46,6 +47,9 @@ def test_train_tiny_writes_a_policy_and_a_report_and_a_restart_keeps_the_recorde
     # the expert's first clicks were anchored where each target name is most often found in the training masks
     anchors = json.loads((out / "anchors.json").read_text())
     assert anchors and report["data"]["anchors"] == anchors
+    # over the real training cases, not their augmented variants (whose shifts and flips move the targets)
+    real = {name: found[0].anchor for name, found in click_anchor_modes(out / "train.jsonl", 1).items()}
+    assert anchors == {name: pytest.approx(list(xy)) for name, xy in real.items()}
     # beside the mean-click baseline, the blind click at each anchor (what a policy that ignores the image learns)
     assert report["baseline_image_blind"]["anchor"]["targets"] == report["baseline_image_blind"]["targets"]
     assert all(0.0 <= v <= 1.0 for xy in anchors.values() for v in xy)
