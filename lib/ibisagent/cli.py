@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ibisagent.clicks import DEFAULT_IOU_STOP, DEFAULT_MAX_CLICKS
+from ibisagent.clicks import ANCHOR_CLICK_CHOICES, DEFAULT_IOU_STOP, DEFAULT_MAX_CLICKS
 
 log = logging.getLogger("ibisagent")
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="anchor the expert's clicks where each target name is most often found in this manifest's "
                    "masks (e.g. the training manifest itself; what `train tiny` does), or take the anchors saved in "
                    "a JSON file (`train tiny`'s DIR/anchor_modes.json); default: the deepest point")
-    p.add_argument("--anchor-clicks", choices=("first", "all"), default="first",
+    p.add_argument("--anchor-clicks", choices=ANCHOR_CLICK_CHOICES, default="first",
                    help="with --anchor-from: anchor each target's first click only (default) or every click")
     p.add_argument("--anchor-modes", type=int, choices=range(1, 9), default=1, metavar="N",
                    help="with --anchor-from: up to N appearance modes per target, each with its own anchor, the number "
@@ -214,7 +214,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                            "manifest, or `train tiny`'s DIR/anchor_modes.json; overrides the config's anchor_from)")
             s.add_argument("--anchor-modes", type=int, metavar="N", help="with --anchor-from a manifest: as "
                            "`simulate --anchor-modes` (overrides the config's anchor_modes)")
-            s.add_argument("--anchor-clicks", choices=("first", "all"), help="with --anchor-from: as "
+            s.add_argument("--anchor-clicks", choices=ANCHOR_CLICK_CHOICES, help="with --anchor-from: as "
                            "`simulate --anchor-clicks` (overrides the config's anchor_clicks)")
             s.add_argument("--expert-max-clicks", type=int, metavar="N", help="the rows' expert's click budget, as "
                            "`simulate --max-clicks` (overrides the config's expert_max_clicks)")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import cv2
 import numpy as np
@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from ibisagent.tools.base import ImageSession, Prediction
 
 ErrorRule = Literal["peak", "area"]
+#: Which of a target's expert clicks are anchored (:class:`ibisagent.policies.oracle.OraclePolicy`): the first only,
+#: or every one.
+AnchorClicks = Literal["first", "all"]
+ANCHOR_CLICK_CHOICES: tuple[str, ...] = get_args(AnchorClicks)
 
 #: Anchored clicks go to pixels at least this share of the chosen region's peak depth from its edge.
 ANCHOR_DEPTH = 0.5

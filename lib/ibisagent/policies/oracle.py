@@ -28,11 +28,19 @@ other number computed from the hidden ground truth).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import numpy as np
 
-from ibisagent.clicks import Anchor, AnchorMode, Click, ErrorRule, nearest_mode, next_click
+from ibisagent.clicks import (
+    ANCHOR_CLICK_CHOICES,
+    Anchor,
+    AnchorClicks,
+    AnchorMode,
+    Click,
+    ErrorRule,
+    nearest_mode,
+    next_click,
+)
 from ibisagent.metrics import iou
 from ibisagent.observation import resize_mask
 from ibisagent.policies.base import (
@@ -95,10 +103,10 @@ class OraclePolicy(Policy):
     def __init__(self, ground_truth: Mapping[str, np.ndarray | None], rule: ErrorRule = "peak",
                  iou_stop: float = DEFAULT_ORACLE_IOU_STOP,
                  anchors: Mapping[str, Anchor] | None = None,
-                 anchor_clicks: Literal["first", "all"] = "first") -> None:
+                 anchor_clicks: AnchorClicks = "first") -> None:
         if rule not in ("peak", "area"):
             raise ValueError(f"unknown click rule {rule!r}; expected 'peak' or 'area'")
-        if anchor_clicks not in ("first", "all"):
+        if anchor_clicks not in ANCHOR_CLICK_CHOICES:
             raise ValueError(f"anchor_clicks must be 'first' or 'all', got {anchor_clicks!r}")
         if not 0.0 < iou_stop <= 1.0:
             raise ValueError(f"iou_stop must be in (0, 1], got {iou_stop}")

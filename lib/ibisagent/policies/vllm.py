@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ibisagent.observation import DEFAULT_MIN_PIXELS as QWEN_MIN_PIXELS
+from ibisagent.observation import DEFAULT_MIN_PIXELS
 from ibisagent.policies.base import (
     Generation,
     GenerationOptions,
@@ -38,8 +38,8 @@ VLLM_MISSING = (
 )
 
 #: Qwen2.5-VL's processor defaults, used when the checkpoint's preprocessor config does not say: its smallest image
-#: (:data:`ibisagent.observation.DEFAULT_MIN_PIXELS`) and its processor's largest (not the authors' policy budget).
-DEFAULT_MIN_PIXELS = QWEN_MIN_PIXELS
+#: (:data:`ibisagent.observation.DEFAULT_MIN_PIXELS`, imported above) and its processor's largest (not the authors'
+#: policy budget).
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ibisagent.clicks import DEFAULT_MAX_CLICKS
+from ibisagent.clicks import ANCHOR_CLICK_CHOICES, DEFAULT_MAX_CLICKS, AnchorClicks
 
 #: LoRA targets: every linear layer of the *language model* only (vision tower and merger stay frozen). Anchored at
 #: ``model.language_model.layers`` because the usual name list also hits the vision MLP (NOTES-trl).
@@ -117,7 +117,7 @@ class GRPORunConfig(TrainCommon):
     )
     anchor_modes: int = field(default=1, metadata={"help": "with anchor_from a manifest: most appearance modes per "
                                                            "target (as `simulate --anchor-modes`)"})
-    anchor_clicks: Literal["first", "all"] = field(
+    anchor_clicks: AnchorClicks = field(
         default="first", metadata={"help": "with anchor_from: anchor each target's first click only, or every click"}
     )
     expert_max_clicks: int = field(
@@ -177,7 +177,7 @@ def check(config: C, where: str = "") -> C:
         raise ConfigError(f"{where}anchor_modes must be ≥ 1, got {config.anchor_modes}")
     if getattr(config, "expert_max_clicks", 1) < 1:
         raise ConfigError(f"{where}expert_max_clicks must be ≥ 1, got {config.expert_max_clicks}")
-    if getattr(config, "anchor_clicks", "first") not in ("first", "all"):
+    if getattr(config, "anchor_clicks", "first") not in ANCHOR_CLICK_CHOICES:
         raise ConfigError(f"{where}anchor_clicks must be 'first' or 'all', got {config.anchor_clicks!r}")
     if getattr(config, "anchor_from", None) and not Path(config.anchor_from).is_file():
         raise ConfigError(f"{where}anchor_from: no such file: {config.anchor_from}")

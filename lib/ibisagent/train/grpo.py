@@ -23,9 +23,9 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from ibisagent.clicks import DEFAULT_MAX_CLICKS
+from ibisagent.clicks import DEFAULT_MAX_CLICKS, AnchorClicks
 from ibisagent.data.manifest import expert_anchors
 from ibisagent.train.common import (
     POLICY,
@@ -81,7 +81,7 @@ def prompt_of(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
 
 
 def oracle_turns(env: Any, max_turns: int = DEFAULT_MAX_CLICKS, anchors: Mapping[str, Any] | None = None,
-                 anchor_clicks: Literal["first", "all"] = "first") -> list[str]:
+                 anchor_clicks: AnchorClicks = "first") -> list[str]:
     """The simulated expert's turns on a reset environment with ground truth, played to the end or to ``max_turns``
     turns (the simulator's click budget: step mode's environment has no step limit of its own, and an expert that
     never reaches its IoU stop — a thin ribbon — would otherwise click on without end). ``anchors`` /
@@ -104,7 +104,7 @@ def oracle_turns(env: Any, max_turns: int = DEFAULT_MAX_CLICKS, anchors: Mapping
 
 def build_rows(manifest: str | os.PathLike[str], mode: str, settings: EnvSettings,
                case_ids: list[str] | None = None, progress: bool = True, anchors: Mapping[str, Any] | None = None,
-               anchor_clicks: Literal["first", "all"] = "first",
+               anchor_clicks: AnchorClicks = "first",
                max_clicks: int = DEFAULT_MAX_CLICKS) -> list[dict[str, Any]]:
     """GRPO rows for the cases of ``manifest`` (all, or ``case_ids``), from the simulated expert's turns (anchored by
     ``anchors`` / ``anchor_clicks``, at most ``max_clicks`` turns, as in :func:`oracle_turns`).
